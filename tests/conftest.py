@@ -1,0 +1,64 @@
+"""Shared fixtures: a tiny random Llama with the real Llama 3.2 tokenizer, small data files, a script runner."""
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = REPO.parent / "shared"
+LLAMA_TOKENIZER = SHARED / "tokenizers" / "llama-3.2-instruct"
+sys.path.insert(0, str(REPO))
+
+
+def run_script(script, *args, timeout=900, cwd=REPO):
+    """Run an entry script as a user would; returns the CompletedProcess (never raises on exit status)."""
+    env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1")
+    return subprocess.run([sys.executable, str(REPO / script), *map(str, args)], capture_output=True, text=True,
+                          timeout=timeout, cwd=cwd, env=env)
+
+
+@pytest.fixture(scope="session")
+def llama_tokenizer():
+    from transformers import AutoTokenizer
+
+    from common import prepare_tokenizer
+
+    return prepare_tokenizer(AutoTokenizer.from_pretrained(LLAMA_TOKENIZER))
+
+
+@pytest.fixture(scope="session")
+def tiny_llama(tmp_path_factory):
+    """A randomly initialised 2-layer Llama (hidden 64) with the real Llama 3.2 tokenizer and chat template."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    folder = tmp_path_factory.mktemp("tiny-llama")
+    config = LlamaConfig(vocab_size=128256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048,
+                         bos_token_id=128000, eos_token_id=128009, pad_token_id=128004, tie_word_embeddings=True)
+    LlamaForCausalLM(config).save_pretrained(folder)
+    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja"):
+        shutil.copy(LLAMA_TOKENIZER / name, folder / name)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def bundled_rows():
+    from finetune import BUNDLED_DATA, read_table
+
+    return read_table(BUNDLED_DATA)
+
+
+@pytest.fixture
+def small_csv(tmp_path, bundled_rows):
+    """40 real Bitext rows over 8 intents, 5 each, in the original column layout."""
+    picked = bundled_rows.groupby("intent").head(5)
+    picked = picked[picked["intent"].isin(sorted(picked["intent"].unique())[:8])]
+    path = tmp_path / "small.csv"
+    picked.to_csv(path, index=False)
+    return path

@@ -1,0 +1,262 @@
+"""finetune.py: loading and validation, split, placeholders, formatting and label masking, end to end."""
+import json
+import re
+import shlex
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import yaml
+
+import finetune
+from common import TEMPLATE_DATE, load_tokenizer
+from conftest import REPO, run_script
+
+
+def args_for(*argv):
+    return finetune.parse_args(list(argv))
+
+
+# ----------------------------------------------------------------------------------------------------
+# Data in
+
+
+def test_bundled_copy_has_all_intents_and_its_license(bundled_rows):
+    assert len(bundled_rows) == 5398
+    assert list(bundled_rows.columns) == ["flags", "instruction", "category", "intent", "response"]
+    assert bundled_rows["intent"].nunique() == 27 and bundled_rows["category"].nunique() == 11
+    assert "CDLA-Sharing-1.0" in (REPO / "data" / "README.md").read_text()
+    assert "Community Data License Agreement" in finetune.BUNDLED_LICENSE.read_text()
+
+
+def test_other_column_names_are_mapped(tmp_path):
+    path = tmp_path / "faq.jsonl"
+    records = [{"question": f"q{i}", "answer": f"a{i}", "label": "x" if i % 2 else "y"} for i in range(6)]
+    path.write_text("\n".join(json.dumps(r) for r in records))
+    rows, label = finetune.load_rows(args_for("--dataset", str(path), "--instruction-column", "question",
+                                              "--response-column", "answer", "--intent-column", "label"))
+    assert label == str(path)
+    assert rows.loc[0, ["instruction", "response", "intent", "category"]].tolist() == ["q0", "a0", "y", "UNKNOWN"]
+
+
+def test_bom_and_crlf_csv_load(tmp_path):
+    path = tmp_path / "excel.csv"
+    path.write_bytes(b"\xef\xbb\xbfinstruction,response,intent\r\nhi,hello,greet\r\nbye,ciao,greet\r\n")
+    rows, _ = finetune.load_rows(args_for("--dataset", str(path)))
+    assert rows["instruction"].tolist() == ["hi", "bye"] and rows["response"].tolist() == ["hello", "ciao"]
+
+
+@pytest.mark.parametrize("content, message", [
+    (b"instruction,intent\nhi,greet\n", "pass --response-column"),
+    (b"instruction,response,intent\nhi,,greet\n", "empty response"),
+    (b"instruction,response,intent\nhi,h\xe9llo,greet\n", "not UTF-8"),
+    (b"", "is empty"),
+    (b"instruction,response,intent,response\nhi,a,greet,b\n", "repeats the column 'response'"),
+])
+def test_bad_dataset_file_gives_one_line_error(tmp_path, content, message):
+    path = tmp_path / "bad.csv"
+    path.write_bytes(content)
+    result = run_script("finetune.py", "--dataset", path, "--output-dir", tmp_path / "out")
+    assert result.returncode == 2
+    assert result.stderr.count("\n") == 1 and message in result.stderr, result.stderr
+    assert not (tmp_path / "out").exists() and not (tmp_path / "out.partial").exists()
+
+
+def test_non_text_values_are_rejected(tmp_path):
+    path = tmp_path / "typed.jsonl"
+    path.write_text('{"instruction": "hi", "response": 42, "intent": "greet"}\n')
+    with pytest.raises(finetune.UserError, match="must hold text.*row 1"):
+        finetune.load_rows(args_for("--dataset", str(path)))
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--subset", "0"], "--subset must be a positive"),
+    (["--learning-rate", "0"], "--learning-rate must be > 0"),
+    (["--max-seq-length", "16"], "--max-seq-length must be at least 32"),
+    (["--placeholders", "shout"], "invalid choice"),
+])
+def test_bad_flags_exit_2(flags, message):
+    result = run_script("finetune.py", *flags)
+    assert result.returncode == 2 and message in result.stderr
+
+
+def test_subset_larger_than_the_data_is_an_error(small_csv, tmp_path):
+    result = run_script("finetune.py", "--dataset", small_csv, "--subset", "1000", "--output-dir", tmp_path / "out")
+    assert result.returncode == 2 and "is larger than the" in result.stderr
+
+
+def test_offline_default_falls_back_to_bundled_copy(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    rows, label = finetune.load_rows(args_for())
+    assert label.startswith("bundled:") and len(rows) == 5398
+
+
+# ----------------------------------------------------------------------------------------------------
+# Split
+
+
+def test_split_is_stratified_disjoint_and_seeded(bundled_rows):
+    rows = finetune.validate_rows(bundled_rows, args_for())
+    splits = finetune.split_by_intent(rows, 0.05, 0.05, seed=42)
+    assert sum(map(len, splits.values())) == len(rows)
+    keys = {name: set(zip(s["instruction"], s["response"])) for name, s in splits.items()}
+    assert not (keys["train"] & keys["val"] or keys["train"] & keys["test"] or keys["val"] & keys["test"])
+    for name, split in splits.items():
+        assert split["intent"].nunique() == 27, name  # every intent has >= 9 rows here
+    assert 0.04 < len(splits["val"]) / len(rows) < 0.07
+    again = finetune.split_by_intent(rows, 0.05, 0.05, seed=42)
+    assert again["test"].equals(splits["test"])
+    assert not finetune.split_by_intent(rows, 0.05, 0.05, seed=7)["test"].equals(splits["test"])
+
+
+def test_subset_and_fallback_mixing(bundled_rows):
+    args = args_for("--subset", "500")
+    rows = finetune.validate_rows(bundled_rows, args)
+    splits = finetune.make_splits(rows, finetune.load_fallback(finetune.FALLBACK_FILE), args)
+    bitext = {name: s[s["intent"] != finetune.FALLBACK_INTENT] for name, s in splits.items()}
+    assert len(bitext["train"]) == 500 and bitext["train"]["intent"].nunique() == 27
+    assert len(bitext["val"]) == len(bitext["test"]) == 28  # ceil(500 * 5 / 90)
+    assert bitext["val"]["intent"].nunique() == 27
+    # proportional: the 1,000-row intents dominate the sample as they dominate the data
+    assert bitext["train"]["intent"].value_counts().iloc[0] > 80
+    fallback = {name: set(s.loc[s["intent"] == finetune.FALLBACK_INTENT, "instruction"]) for name, s in splits.items()}
+    assert len(fallback["train"]) == round(500 * 0.03 / 0.97)
+    assert fallback["val"] and fallback["test"]
+    assert not (fallback["train"] & fallback["val"] or fallback["train"] & fallback["test"] or fallback["val"] & fallback["test"])
+
+
+def test_fallback_file_covers_the_required_topics():
+    lines = [json.loads(line) for line in finetune.FALLBACK_FILE.read_text().splitlines()]
+    topics = {line["topic"] for line in lines}
+    assert len(lines) >= 60
+    assert {"weather", "joke", "coding", "medical", "legal", "politics", "other_company", "chit_chat", "abuse",
+            "prompt_injection"} <= topics
+    assert not any("{{" in line["response"] for line in lines)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Placeholders
+
+
+def test_generic_table_covers_every_placeholder_in_the_data(bundled_rows):
+    table = finetune.load_placeholder_table()
+    used = {name for text in pd.concat([bundled_rows["instruction"], bundled_rows["response"]])
+            for name in finetune.PLACEHOLDER.findall(text)}
+    assert used <= set(table), used - set(table)
+
+
+@pytest.mark.parametrize("mode, expected", [
+    ("keep", "Visit '{{Online Order Interaction}}' for order {{Order Number}}, or call {{Customer Support Phone Number}}."),
+    ("generic", "Visit 'Order History' for order your order number, or call our customer support phone line."),
+    ("strip", "Visit for order, or call."),
+])
+def test_placeholder_modes(mode, expected):
+    text = "Visit '{{Online Order Interaction}}' for order {{Order Number}}, or call {{Customer Support Phone Number}}."
+    assert finetune.apply_placeholders(text, mode, finetune.load_placeholder_table()) == expected
+
+
+def test_strip_leaves_no_orphans():
+    text = ('Steps:\n1. Open "{{Online Order Interaction}}" now.\n2. {{Cancel Purchase}}\n3. Done ({{Order Number}}) .\n'
+            "Dear {{Salutation}} {{Client Last Name}}, thanks.")
+    stripped = finetune.strip_placeholders(text)
+    assert stripped == "Steps:\n1. Open now.\n3. Done.\nDear, thanks."
+    assert "  " not in stripped and '""' not in stripped and "()" not in stripped
+
+
+# ----------------------------------------------------------------------------------------------------
+# Formatting and label masking
+
+
+def unmasked_text(tokenizer, labels):
+    return tokenizer.decode([t for t in labels if t != -100])
+
+
+def test_llama_batch_labels_cover_exactly_the_answer_and_end_token(llama_tokenizer, bundled_rows):
+    from transformers import DataCollatorForSeq2Seq
+
+    rows = bundled_rows.sample(3, random_state=0)
+    examples = [finetune.encode_example(llama_tokenizer, "Be helpful.", r.instruction, r.response) for r in rows.itertuples()]
+    batch = DataCollatorForSeq2Seq(llama_tokenizer, padding=True, label_pad_token_id=-100)(examples)
+    assert llama_tokenizer.pad_token != llama_tokenizer.eos_token == "<|eot_id|>"
+    for labels, ids, row in zip(batch["labels"].tolist(), batch["input_ids"].tolist(), rows.itertuples()):
+        assert unmasked_text(llama_tokenizer, labels) == row.response.strip() + "<|eot_id|>"
+        assert ids.count(llama_tokenizer.bos_token_id) == 1 and ids[0] == llama_tokenizer.bos_token_id
+        assert f"Today Date: {TEMPLATE_DATE}" in llama_tokenizer.decode(ids)
+        assert all(label == -100 for token, label in zip(ids, labels) if token == llama_tokenizer.pad_token_id)
+
+
+def test_smollm2_labels_cover_exactly_the_answer_and_end_token():
+    tokenizer = load_tokenizer("smollm2")
+    assert tokenizer.eos_token == "<|im_end|>" and tokenizer.pad_token not in (None, "<|im_end|>")
+    example = finetune.encode_example(tokenizer, "Be helpful.", "cancel order 12", "Sure.\n\n1. Open your orders.")
+    assert unmasked_text(tokenizer, example["labels"]) == "Sure.\n\n1. Open your orders.<|im_end|>"
+    full = tokenizer.decode(example["input_ids"])
+    assert full.startswith("<|im_start|>system\nBe helpful.<|im_end|>") and "SmolLM" not in full
+
+
+# ----------------------------------------------------------------------------------------------------
+# Whole runs
+
+
+def test_inspect_writes_report_and_plots(small_csv, tiny_llama, tmp_path):
+    report_dir = tmp_path / "report"
+    result = run_script("finetune.py", "--inspect", "--dataset", small_csv, "--model", tiny_llama, "--report-dir", report_dir)
+    assert result.returncode == 0, result.stderr
+    report = (report_dir / "report.md").read_text()
+    assert "Rows: **40**; intents: **8**" in report
+    assert "`{{Order Number}}`" in report and "Z (typo / error)" in report
+    assert {p.name for p in report_dir.glob("*.png")} == {"intents.png", "lengths.png", "rendered_lengths.png"}
+
+
+def test_dry_run_writes_nothing(small_csv, tiny_llama, tmp_path):
+    result = run_script("finetune.py", "--dry-run", "--dataset", small_csv, "--model", tiny_llama, "--output-dir", tmp_path / "out")
+    assert result.returncode == 0, result.stderr
+    assert "nothing written" in result.stdout and not any(tmp_path.glob("out*"))
+
+
+def test_tiny_llama_end_to_end(small_csv, tiny_llama, tmp_path):
+    out = tmp_path / "run"
+    result = run_script("finetune.py", "--dataset", small_csv, "--model", tiny_llama, "--output-dir", out,
+                        "--max-steps", "6", "--learning-rate", "2e-3", "--logging-steps", "1", "--batch-size", "4", "--grad-accum", "1")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert not out.with_name("run.partial").exists()
+    expected = {"adapter", "train.jsonl", "val.jsonl", "test.jsonl", "manifest.json", "config.json", "metrics.json",
+                "train.log", "README.md", "LICENSE_CDLA-Sharing-1.0.txt"}
+    assert expected <= {p.name for p in out.iterdir()}
+    assert (out / "adapter" / "adapter_model.safetensors").is_file() and (out / "adapter" / "tokenizer.json").is_file()
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["steps"] == 6 and len(metrics["loss_per_step"]) == 6
+    assert metrics["tuned_val_loss"] < metrics["base_val_loss"]
+    assert metrics["train_tokens_per_s"] > 0 and metrics["peak_memory_gb"] > 0
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["splits"]["val"]["per_intent"]["cancel_order"] == 1
+    assert manifest["splits"]["train"]["rows"] == len((out / "train.jsonl").read_text().splitlines())
+    assert json.loads((out / "config.json").read_text())["max_steps"] == 6
+    assert "CDLA-Sharing-1.0" in (out / "README.md").read_text()
+    again = run_script("finetune.py", "--dataset", small_csv, "--model", tiny_llama, "--output-dir", out)
+    assert again.returncode == 2 and "--overwrite" in again.stderr
+
+
+def readme_command(prefix):
+    """The README's command line that starts with `prefix`, split into arguments."""
+    readme = (REPO / "README.md").read_text()
+    line = next(l for l in re.findall(r"^\s*(\./setup\.sh && .+)$", readme, re.M) if prefix in l)
+    return shlex.split(line.split("&&", 1)[1])
+
+
+def test_readme_training_command_on_real_smollm2(tmp_path):
+    """The README's main command, shortened to a few steps, must make the real SmolLM2 better on val."""
+    argv = readme_command("finetune.py")
+    assert argv[:2] == [".venv/bin/python", "finetune.py"]
+    out = tmp_path / "smollm2"
+    result = run_script("finetune.py", *argv[2:], "--output-dir", out, "--max-steps", "8", "--grad-accum", "1",
+                        "--learning-rate", "5e-4")
+    assert result.returncode == 0, result.stderr[-3000:]
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert "SmolLM2-135M-Instruct" in metrics["model"] and metrics["val_rows"] >= 27
+    assert metrics["tuned_val_loss"] < metrics["base_val_loss"] - 0.02, metrics
+
+
+def test_ci_runs_the_readme_test_command():
+    assert readme_command("pytest") == [".venv/bin/python", "-m", "pytest", "tests"]
+    assert "./setup.sh && .venv/bin/python -m pytest tests" in (REPO / ".ci" / "run").read_text()
