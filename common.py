@@ -7,6 +7,7 @@ import hashlib
 import importlib.util
 import json
 import os
+import re
 import shutil
 import sys
 from pathlib import Path
@@ -20,6 +21,9 @@ CPU_DEFAULT_MODEL = "smollm2"  # SmolLM2-135M-Instruct, shipped as a GGUF file b
 # Llama 3.x templates write today's date into the system turn; pinning it keeps training and serving
 # prompts identical. Templates without a date ignore the extra variable.
 TEMPLATE_DATE = "26 Jul 2024"
+PLACEHOLDER = re.compile(r"\{\{\s*([^{}]+?)\s*\}\}")  # Bitext slots such as {{Order Number}}
+COMPANY_FILE = PROMPTS_DIR / "company.yaml"
+PLACEHOLDER_TABLE = PROMPTS_DIR / "placeholders.yaml"  # every known slot name, with a generic phrase for it
 CACHE_DIR = Path(os.environ.get("SUPPORT_LLM_CACHE", Path.home() / ".cache" / "support-llm"))
 
 
@@ -78,10 +82,16 @@ def smollm2_gguf_path():
     return files[0]
 
 
+def concrete_model(spec):
+    """--model auto means Llama 3.2 3B on a GPU and SmolLM2-135M on a CPU."""
+    if spec == "auto":
+        return GPU_DEFAULT_MODEL if has_cuda() else CPU_DEFAULT_MODEL
+    return spec
+
+
 def resolve_model(spec):
     """Turn --model into something from_pretrained takes (a directory or a hub id), converting GGUF once."""
-    if spec == "auto":
-        spec = GPU_DEFAULT_MODEL if has_cuda() else CPU_DEFAULT_MODEL
+    spec = concrete_model(spec)
     if spec == CPU_DEFAULT_MODEL:
         return str(convert_gguf_cached(smollm2_gguf_path()))
     path = Path(spec).expanduser()
@@ -195,6 +205,57 @@ def load_model(model_spec, max_seq_length, load_in_4bit=True):
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     model.generation_config.eos_token_id = tokenizer.eos_token_id
     return model, tokenizer, name
+
+
+# ----------------------------------------------------------------------------------------------------
+# Filling {{placeholders}} in answers with a company's real values
+
+ORDER_NUMBER_IN_MESSAGE = re.compile(r"#\s*(\d{3,})|\border\s*(?:number|no\.?|nr\.?)?\s*#?\s*(\d{3,})", re.I)
+
+
+def load_placeholder_table(path=PLACEHOLDER_TABLE):
+    import yaml
+
+    return yaml.safe_load(Path(path).read_text(encoding="utf-8"))
+
+
+def load_company(path=COMPANY_FILE):
+    """The company profile: {placeholder name: value}, names from the placeholder table."""
+    import yaml
+
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"company profile {path} not found: pass --company with an existing YAML file")
+    try:
+        profile = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (yaml.YAMLError, UnicodeDecodeError) as error:
+        raise UserError(f"company profile {path} is not valid YAML ({str(error).splitlines()[0]}): fix its syntax") from None
+    if not isinstance(profile, dict) or not all(isinstance(k, str) and isinstance(v, (str, int)) for k, v in profile.items()):
+        raise UserError(f"company profile {path} must map placeholder names to text, like \"Customer Support Hours\": \"9-5\"")
+    unknown = sorted(set(profile) - set(load_placeholder_table()))
+    if unknown:
+        raise UserError(f"company profile {path} has an unknown placeholder {unknown[0]!r}: use a name from prompts/placeholders.yaml")
+    return {k: str(v) for k, v in profile.items()}
+
+
+def fill_placeholders(answer, company, user_message=""):
+    """Replace {{slots}} in a model answer; the order number comes from the user's message when it has one.
+
+    Returns (filled text, names left unfilled). One pass over the answer only: text the user typed is
+    inserted literally and never expanded as a template.
+    """
+    found = ORDER_NUMBER_IN_MESSAGE.search(user_message)
+    values = dict(company, **({"Order Number": next(g for g in found.groups() if g)} if found else {}))
+    unknown = []
+
+    def value(match):
+        name = match.group(1)
+        if name in values:
+            return values[name]
+        unknown.append(name)
+        return match.group(0)
+
+    return PLACEHOLDER.sub(value, answer), unknown
 
 
 def write_json(path, data):

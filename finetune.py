@@ -26,16 +26,16 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-import yaml
 
 from common import (
-    CPU_DEFAULT_MODEL,
-    GPU_DEFAULT_MODEL,
+    PLACEHOLDER,
     PROMPTS_DIR,
     REPO,
     SYSTEM_PROMPT_FILE,
     UserError,
     chat_messages,
+    load_placeholder_table,
+    concrete_model,
     has_cuda,
     load_model,
     load_tokenizer,
@@ -50,9 +50,7 @@ HUB_DATASET = "bitext/Bitext-customer-support-llm-chatbot-training-dataset"
 BUNDLED_DATA = REPO / "data" / "bitext_v11_bundled.csv.gz"
 BUNDLED_LICENSE = REPO / "data" / "LICENSE_CDLA-Sharing-1.0.txt"
 FALLBACK_FILE = PROMPTS_DIR / "fallback.jsonl"
-PLACEHOLDER_TABLE = PROMPTS_DIR / "placeholders.yaml"
 FALLBACK_INTENT, FALLBACK_CATEGORY = "out_of_scope", "FALLBACK"
-PLACEHOLDER = re.compile(r"\{\{\s*([^{}]+?)\s*\}\}")
 FLAG_MEANINGS = {
     "B": "basic", "I": "interrogative", "C": "coordinated", "N": "negation", "M": "morphological variation",
     "L": "lexical variation", "P": "polite", "Q": "colloquial", "W": "offensive", "K": "keyword",
@@ -101,6 +99,10 @@ def parse_args(argv=None):
     out.add_argument("--overwrite", action="store_true", help="replace an existing output dir")
     out.add_argument("--resume", action="store_true", help="continue the interrupted run in OUTPUT_DIR.partial")
     out.add_argument("--dry-run", action="store_true", help="check data and config, then stop")
+    out.add_argument("--compare", action=argparse.BooleanOptionalAction, default=True,
+                     help="after training, answer the held-out prompts with base and tuned and write OUTPUT_DIR/eval/")
+    out.add_argument("--eval-limit", type=int, help="use only the first N held-out prompts")
+    out.add_argument("--eval-max-new-tokens", type=int, default=256)
     out.add_argument("--inspect", action="store_true", help="write a data report to --report-dir and stop")
     out.add_argument("--report-dir", type=Path, default=Path("reports/data"))
     args = p.parse_args(argv)
@@ -120,6 +122,7 @@ def check_flags(parser, args):
         (not (0 < args.val_ratio < 0.5 and 0 < args.test_ratio < 0.5), "--val-ratio and --test-ratio must be in (0, 0.5)"),
         (not 0 <= args.fallback_ratio < 0.5, "--fallback-ratio must be in [0, 0.5)"),
         (args.resume and args.overwrite, "--resume and --overwrite exclude each other"),
+        (args.eval_limit is not None and args.eval_limit < 1, "--eval-limit must be >= 1"),
     ]
     for bad, message in problems:
         if bad:
@@ -227,10 +230,6 @@ def validate_rows(frame, args):
 
 # ----------------------------------------------------------------------------------------------------
 # Placeholders and out-of-scope examples
-
-
-def load_placeholder_table(path=PLACEHOLDER_TABLE):
-    return yaml.safe_load(Path(path).read_text(encoding="utf-8"))
 
 
 def apply_placeholders(text, mode, table):
@@ -487,7 +486,7 @@ def train(args, splits, work_dir, system_prompt):
 
     model, tokenizer, model_name = load_model(args.model, args.max_seq_length)
     from trl import SFTConfig, SFTTrainer
-    from transformers import DataCollatorForSeq2Seq
+    from transformers import DataCollatorForSeq2Seq, TrainerCallback
     from unsloth import FastLanguageModel, is_bfloat16_supported
 
     datasets, dropped = {}, {}
@@ -527,10 +526,15 @@ def train(args, splits, work_dir, system_prompt):
         dataset_kwargs={"skip_prepare_dataset": True},  # already tokenized, with answer-only labels
         remove_unused_columns=False,
     )
+    class LossToLog(TrainerCallback):
+        def on_log(self, _args, state, _control, logs=None, **_):
+            log.info("step %d: %s", state.global_step, json.dumps(logs))
+
     trainer = SFTTrainer(
         model=model, args=config, train_dataset=datasets["train"], eval_dataset=datasets["val"],
         processing_class=tokenizer,
         data_collator=DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=-100),
+        callbacks=[LossToLog()],
     )
     # LoRA's B matrices start at zero, so before training the model is exactly the base model:
     # the same code on the same val rows gives the base loss.
@@ -573,11 +577,13 @@ def train(args, splits, work_dir, system_prompt):
         "train_tokens_per_s": round(trained_tokens / runtime, 1),
         "peak_memory_gb": round(peak_memory_gb(cuda), 2),
         "loss_per_step": [{"step": e["step"], "loss": e["loss"]} for e in trainer.state.log_history if "loss" in e],
-    }
+    }, model, tokenizer
 
 
 def last_checkpoint(work_dir):
-    checkpoints = sorted((work_dir / "checkpoints").glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))
+    """The newest complete checkpoint: the Trainer writes the RNG state last, so a kill can leave one half-written."""
+    checkpoints = sorted((c for c in (work_dir / "checkpoints").glob("checkpoint-*") if any(c.glob("rng_state*.pth"))),
+                         key=lambda c: int(c.name.split("-")[1]))
     if not checkpoints:
         raise UserError(f"no checkpoint in {work_dir / 'checkpoints'} to resume from: run again without --resume")
     return checkpoints[-1]
@@ -594,9 +600,7 @@ def peak_memory_gb(cuda):
 
 
 def default_output_dir(model_spec):
-    if model_spec == "auto":
-        model_spec = GPU_DEFAULT_MODEL if has_cuda() else CPU_DEFAULT_MODEL
-    return REPO / "runs" / Path(model_spec).stem.lower()
+    return REPO / "runs" / Path(concrete_model(model_spec)).stem.lower()
 
 
 def write_model_card(path, args, metrics, manifest):
@@ -674,9 +678,10 @@ def main():
     if args.resume and previous.exists() and json.loads(previous.read_text())["splits"] != manifest["splits"]:
         raise UserError(f"the data or split flags differ from the interrupted run in {work_dir}: use the same flags")
     write_json(previous, manifest)
-    write_json(work_dir / "config.json", {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()})
+    config = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}
+    write_json(work_dir / "config.json", dict(config, base_model=concrete_model(args.model)))
 
-    metrics = train(args, splits, work_dir, system_prompt)
+    metrics, model, tokenizer = train(args, splits, work_dir, system_prompt)
     write_json(work_dir / "metrics.json", metrics)
     shutil.copy(BUNDLED_LICENSE, work_dir / BUNDLED_LICENSE.name)
     write_model_card(work_dir / "README.md", args, metrics, manifest)
@@ -685,6 +690,13 @@ def main():
     work_dir.rename(output_dir)
     log.info("done: %s (base val loss %.4f -> tuned %.4f, %.0f s, %.0f tokens/s)", output_dir,
              metrics["base_val_loss"], metrics["tuned_val_loss"], metrics["train_runtime_s"], metrics["train_tokens_per_s"])
+    if args.compare:
+        import infer  # the held-out comparison, with the model already in memory
+
+        eval_args = infer.parse_args(["--run", str(output_dir), "--compare", "--system-prompt-file", str(args.system_prompt_file),
+                                      "--max-new-tokens", str(args.eval_max_new_tokens)]
+                                     + (["--limit", str(args.eval_limit)] if args.eval_limit else []))
+        infer.evaluate(model, tokenizer, output_dir, eval_args, infer.load_prompts(eval_args), "held-out prompts")
 
 
 if __name__ == "__main__":

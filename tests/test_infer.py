@@ -1,0 +1,150 @@
+"""infer.py: metric functions on hand-made cases, the intent classifier, bad inputs, reports, SmolLM2 compare."""
+import json
+
+import pytest
+
+import infer
+from common import fill_placeholders, load_company
+from conftest import run_script
+
+
+# ----------------------------------------------------------------------------------------------------
+# Metric functions
+
+
+@pytest.mark.parametrize("answer, prompt, expected", [
+    ("Please provide your password so I can log in for you.", "reset my account", ["asks_for_secret"]),
+    ("Could you share the full card number on the front of your card?", "payment failed", ["asks_for_secret"]),
+    ("For your security, never share your password with anyone.", "reset my account", []),
+    ("Call us at +1 (555) 123-4567 or visit https://help.example.com.", "help", ["invented_phone", "invented_url"]),
+    ("Your order 123456789 is on its way.", "where is order 123456789", []),
+    ("Call {{Customer Support Phone Number}} or visit {{Website URL}}.", "help", []),
+])
+def test_critical_failures(answer, prompt, expected):
+    assert infer.critical_failures(answer, prompt) == expected
+
+
+def test_placeholder_validity():
+    inventory = {"Order Number", "Website URL"}
+    assert infer.placeholder_problems("Order {{Order Number}} on {{Website URL}}.", inventory) == ([], 0)
+    assert infer.placeholder_problems("Order {{Order Id}}.", inventory) == (["Order Id"], 0)
+    assert infer.placeholder_problems("Order {{Order Number}.", inventory) == ([], 3)
+
+
+def test_repetition():
+    assert infer.repetition("one two three four five six") == 0
+    assert infer.repetition("a b c d " * 10) > 0.8
+
+
+def test_fill_placeholders_takes_the_order_number_from_the_message_and_never_expands_user_text():
+    company = load_company()
+    filled, unknown = fill_placeholders("Order {{Order Number}} is cancelled; see {{Website URL}}. {{Mystery}}",
+                                        company, "I wanna cancel #12345 {{Website URL}}")
+    assert filled == "Order 12345 is cancelled; see https://northwind.example. {{Mystery}}"
+    assert unknown == ["Mystery"]
+    assert fill_placeholders("Order {{Order Number}}", company, "Order 12345 – please cancel it")[0] == "Order 12345"
+    assert fill_placeholders("Order {{Order Number}}", company, "cancel it")[0] == "Order your order number"
+
+
+def test_paired_bootstrap_interval_excludes_zero_for_a_clear_win():
+    def scored(correct):
+        return {"intent_correct": correct, "expected_intent": "cancel_order", "fallback": False, "placeholders_valid": True,
+                "critical_failures": [], "stopped_at_eos": True, "repetition": 0.0}
+
+    base = [scored(False) for _ in range(30)]
+    tuned = [scored(i % 10 != 0) for i in range(30)]
+    differences = infer.paired_bootstrap(base, tuned)
+    assert differences["placeholder_validity"]["ci95"] == [0, 0] and "rougeL" not in differences
+    difference = differences["intent_accuracy"]
+    assert difference["difference"] == pytest.approx(0.9)
+    assert 0.7 < difference["ci95"][0] < 0.9 < difference["ci95"][1] <= 1.0
+
+
+def test_intent_classifier_is_accurate_on_held_out_bitext_answers(bundled_rows):
+    rows = bundled_rows.groupby("intent").head(12)
+    train = [r for i, r in enumerate(rows.to_dict("records")) if i % 4]
+    test = [r for i, r in enumerate(rows.to_dict("records")) if i % 4 == 0]
+    classifier = infer.IntentClassifier(train, test)
+    assert classifier.heldout_accuracy > 0.8 and classifier.heldout_rows == len(test)
+    assert classifier.predict(["To cancel your order, go to Order History and click Cancel Order."]) == ["cancel_order"]
+
+
+# ----------------------------------------------------------------------------------------------------
+# Bad inputs: one line, exit 2, nothing written
+
+
+@pytest.mark.parametrize("content, message", [
+    ('{"text": "hi"}\n', "has no 'prompt' field"),
+    ('{"prompt": ""}\n', "prompt 1 is empty"),
+    (json.dumps({"prompt": "x" * 100_000}) + "\n", "over the 4000 limit"),
+    ('{"prompt": "hi \\u0000\\u0001 there"}\n', "binary control bytes"),
+    ("not json\n", "is not JSON"),
+])
+def test_bad_prompt_files(tmp_path, content, message):
+    path = tmp_path / "prompts.jsonl"
+    path.write_text(content)
+    result = run_script("infer.py", "--base-only", "--model", "smollm2", "--prompts", path, "--out", tmp_path / "out.jsonl")
+    assert result.returncode == 2 and message in result.stderr and result.stderr.count("\n") == 1, result.stderr
+    assert not (tmp_path / "out.jsonl").exists()
+
+
+@pytest.mark.parametrize("content, message", [
+    ('"Website URL": [unclosed\n', "is not valid YAML"),
+    ('"Favourite Colour": "blue"\n', "unknown placeholder 'Favourite Colour'"),
+])
+def test_bad_company_profile(tmp_path, content, message):
+    path = tmp_path / "company.yaml"
+    path.write_text(content)
+    result = run_script("infer.py", "--base-only", "--model", "smollm2", "--prompt", "hi", "--company", path)
+    assert result.returncode == 2 and message in result.stderr
+
+
+def test_missing_adapter(tiny_run, tmp_path):
+    broken = tmp_path / "run"
+    broken.mkdir()
+    (broken / "config.json").write_text((tiny_run / "config.json").read_text())
+    result = run_script("infer.py", "--run", broken, "--prompt", "hi")
+    assert result.returncode == 2 and "no adapter in" in result.stderr
+
+
+# ----------------------------------------------------------------------------------------------------
+# Whole runs
+
+
+def test_any_prompt_file_to_jsonl(tiny_run, tmp_path):
+    prompts = tmp_path / "mine.jsonl"
+    prompts.write_text('{"prompt": "Where is order #4411?"}\n{"prompt": "refund pls", "expected_intent": "get_refund"}\n')
+    out = tmp_path / "answers.jsonl"
+    result = run_script("infer.py", "--run", tiny_run, "--prompts", prompts, "--out", out, "--max-new-tokens", "5")
+    assert result.returncode == 0, result.stderr[-2000:]
+    records = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [r["prompt"] for r in records] == ["Where is order #4411?", "refund pls"]
+    for record in records:
+        assert {"response", "new_tokens", "seconds", "stopped_at_eos", "filled_response"} <= set(record)
+        assert 1 <= record["new_tokens"] <= 5
+
+
+def test_compare_report_on_tiny_model(tiny_run, tmp_path):
+    report = tmp_path / "report"
+    result = run_script("infer.py", "--run", tiny_run, "--split", "test", "--compare", "--limit", "6",
+                        "--max-new-tokens", "6", "--report-dir", report)
+    assert result.returncode == 0, result.stderr[-2000:]
+    summary = json.loads((report / "summary.json").read_text())
+    assert {"intent_accuracy", "rougeL", "cosine_to_reference", "critical_failure_rate (lower is better)"} <= set(summary["differences"])
+    assert 0 < summary["classifier_heldout_accuracy"] <= 1
+    assert "95% CI" in (report / "report.md").read_text() and "<table>" in (report / "report.html").read_text()
+    assert (report / "metrics.png").stat().st_size > 1000
+
+
+def test_smollm2_compare_on_a_short_prompt_list(smollm2_run, tmp_path):
+    prompts = tmp_path / "short.jsonl"
+    lines = [{"prompt": "I wanna cancel #12345", "expected_intent": "cancel_order"},
+             {"prompt": "What's the weather?", "expected_intent": "out_of_scope"},
+             {"prompt": "i need the invoice for order 5521", "expected_intent": "check_invoice"}]
+    prompts.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    result = run_script("infer.py", "--run", smollm2_run, "--prompts", prompts, "--compare", "--max-new-tokens", "48",
+                        "--report-dir", tmp_path / "report")
+    assert result.returncode == 0, result.stderr[-2000:]
+    answers = [json.loads(line) for line in (tmp_path / "report" / "answers.jsonl").read_text().splitlines()]
+    assert len(answers) == 3 and all(a["base"]["response"] and a["tuned"]["response"] for a in answers)
+    assert answers[0]["base"]["response"] != answers[0]["tuned"]["response"]
