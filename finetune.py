@@ -17,6 +17,7 @@ import io
 import json
 import logging
 import math
+import os
 import re
 import shutil
 import socket
@@ -149,8 +150,6 @@ def load_rows(args):
 
 
 def hub_reachable():
-    import os
-
     if os.environ.get("HF_HUB_OFFLINE") == "1" or os.environ.get("HF_DATASETS_OFFLINE") == "1":
         return False
     try:

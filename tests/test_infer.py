@@ -148,3 +148,53 @@ def test_smollm2_compare_on_a_short_prompt_list(smollm2_run, tmp_path):
     answers = [json.loads(line) for line in (tmp_path / "report" / "answers.jsonl").read_text().splitlines()]
     assert len(answers) == 3 and all(a["base"]["response"] and a["tuned"]["response"] for a in answers)
     assert answers[0]["base"]["response"] != answers[0]["tuned"]["response"]
+
+
+class FakeJudge:
+    """An OpenAI-compatible endpoint on loopback: prefers the answer mentioning 'Order History', plus a bias to A."""
+
+    def __enter__(self):
+        import http.server
+        import threading
+
+        seen = self.headers = []
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_POST(self):
+                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                seen.append(self.headers["Authorization"])
+                text = body["messages"][1]["content"]
+                answer_a = text.split("Answer A:\n")[1].split("\n\nAnswer B:")[0]
+                good_a = "Order History" in answer_a
+                scores = {"A": {c: (5 if good_a else 1) for c in infer.JUDGE_CRITERIA},
+                          "B": {c: (1 if good_a else 5) - 1 for c in infer.JUDGE_CRITERIA}}
+                reply = json.dumps({"choices": [{"message": {"content": "Scores: " + json.dumps(scores)}}]}).encode()
+                self.send_response(200)
+                self.send_header("Content-Type", "application/json")
+                self.end_headers()
+                self.wfile.write(reply)
+
+            def log_message(self, *_):
+                pass
+
+        self.server = http.server.HTTPServer(("127.0.0.1", 0), Handler)
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+        return f"http://127.0.0.1:{self.server.server_port}/v1"
+
+    def __exit__(self, *_):
+        self.server.shutdown()
+
+
+def test_judge_swaps_order_and_keeps_the_key_out_of_errors(monkeypatch):
+    monkeypatch.setenv("JUDGE_API_KEY", "secret-key")
+    base = [{"prompt": "cancel #1", "response": "I can't help."}]
+    tuned = [{"prompt": "cancel #1", "response": "Open Order History and click Cancel."}]
+    judge = FakeJudge()
+    with judge as url:
+        infer.judge_pairs(base, tuned, url, "any-model")
+    assert judge.headers == ["Bearer secret-key"] * 2
+    # tuned is better (5 vs 1); the fake's bias of 1 point towards A cancels out over the two orders
+    assert tuned[0]["judge_helpfulness"] == 4.5 and base[0]["judge_helpfulness"] == 0.5
+    with pytest.raises(infer.UserError) as error:
+        infer.judge_pairs(base, tuned, "http://127.0.0.1:9/v1", "any-model")
+    assert "could not be reached" in str(error.value) and "secret-key" not in str(error.value)
