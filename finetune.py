@@ -580,9 +580,14 @@ def train(args, splits, work_dir, system_prompt):
 
 
 def last_checkpoint(work_dir):
-    """The newest complete checkpoint: the Trainer writes the RNG state last, so a kill can leave one half-written."""
-    checkpoints = sorted((c for c in (work_dir / "checkpoints").glob("checkpoint-*") if any(c.glob("rng_state*.pth"))),
-                         key=lambda c: int(c.name.split("-")[1]))
+    """The newest complete checkpoint: the Trainer writes trainer_state.json last, so a kill can leave one half-written."""
+    def complete(checkpoint):
+        try:
+            return bool(json.loads((checkpoint / "trainer_state.json").read_text()))
+        except (OSError, ValueError):
+            return False
+
+    checkpoints = sorted(filter(complete, (work_dir / "checkpoints").glob("checkpoint-*")), key=lambda c: int(c.name.split("-")[1]))
     if not checkpoints:
         raise UserError(f"no checkpoint in {work_dir / 'checkpoints'} to resume from: run again without --resume")
     return checkpoints[-1]
