@@ -576,7 +576,7 @@ def train(args, splits, work_dir, system_prompt):
         "train_tokens_per_s": round(trained_tokens / runtime, 1),
         "peak_memory_gb": round(peak_memory_gb(cuda), 2),
         "loss_per_step": [{"step": e["step"], "loss": e["loss"]} for e in trainer.state.log_history if "loss" in e],
-    }, model, tokenizer
+    }
 
 
 def last_checkpoint(work_dir):
@@ -685,7 +685,7 @@ def main():
     config = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}
     write_json(work_dir / "config.json", dict(config, base_model=concrete_model(args.model)))
 
-    metrics, model, tokenizer = train(args, splits, work_dir, system_prompt)
+    metrics = train(args, splits, work_dir, system_prompt)
     write_json(work_dir / "metrics.json", metrics)
     shutil.copy(BUNDLED_LICENSE, work_dir / BUNDLED_LICENSE.name)
     write_model_card(work_dir / "README.md", args, metrics, manifest)
@@ -695,12 +695,11 @@ def main():
     log.info("done: %s (base val loss %.4f -> tuned %.4f, %.0f s, %.0f tokens/s)", output_dir,
              metrics["base_val_loss"], metrics["tuned_val_loss"], metrics["train_runtime_s"], metrics["train_tokens_per_s"])
     if args.compare:
-        import infer  # the held-out comparison, with the model already in memory
+        import infer  # the held-out comparison, exactly as `infer.py --run OUTPUT_DIR --compare` does it
 
-        eval_args = infer.parse_args(["--run", str(output_dir), "--compare", "--system-prompt-file", str(args.system_prompt_file),
-                                      "--max-new-tokens", str(args.eval_max_new_tokens)]
-                                     + (["--limit", str(args.eval_limit)] if args.eval_limit else []))
-        infer.evaluate(model, tokenizer, output_dir, eval_args, infer.load_prompts(eval_args), "held-out prompts")
+        infer.main(infer.parse_args(["--run", str(output_dir), "--compare", "--system-prompt-file", str(args.system_prompt_file),
+                                     "--max-new-tokens", str(args.eval_max_new_tokens)]
+                                    + (["--limit", str(args.eval_limit)] if args.eval_limit else [])))
 
 
 if __name__ == "__main__":
