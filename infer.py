@@ -116,7 +116,7 @@ def load_prompts(args):
 def read_jsonl(path):
     path = Path(path)
     if not path.is_file():
-        raise UserError(f"prompts file {path} not found: pass an existing JSONL file")
+        raise UserError(f"{path} not found: pass an existing JSONL file (for --run, a complete finetune.py output dir)")
     items = []
     try:
         lines = path.read_text(encoding="utf-8").splitlines()
@@ -284,7 +284,6 @@ def score(records, items, classifier, inventory, company):
     for index, (record, item, intent, reference) in enumerate(zip(records, items, predicted, references)):
         expected = item.get("expected_intent")
         unknown, malformed = placeholder_problems(record["response"], inventory)
-        record["filled_response"], record["unfilled_placeholders"] = fill_placeholders(record["response"], company, record["prompt"])
         record.update({
             "type": item.get("type"),
             "expected_intent": expected,
@@ -300,6 +299,13 @@ def score(records, items, classifier, inventory, company):
             record["rougeL"] = round(rouge.score(reference, record["response"])["rougeL"].fmeasure, 4)
             record["cosine"] = round(cosines[index], 4)
             record["length_ratio"] = round(len(record["response"]) / max(1, len(reference)), 3)
+    return fill_records(records, company)
+
+
+def fill_records(records, company):
+    """Add the answer with the company's values filled in, and the slots left unfilled."""
+    for record in records:
+        record["filled_response"], record["unfilled_placeholders"] = fill_placeholders(record["response"], company, record["prompt"])
     return records
 
 
@@ -475,12 +481,11 @@ def throughput_of(records):
 # ----------------------------------------------------------------------------------------------------
 
 
-def evaluate(model, tokenizer, run_dir, args, items, label):
+def evaluate(model, tokenizer, run_dir, args, items, company, label):
     """Base vs tuned on the same prompts, scored and reported; returns the bootstrap differences."""
-    train_rows, test_rows = read_jsonl_rows(run_dir / "train.jsonl"), read_jsonl_rows(run_dir / "test.jsonl")
+    train_rows, test_rows = read_jsonl(run_dir / "train.jsonl"), read_jsonl(run_dir / "test.jsonl")
     classifier = IntentClassifier(train_rows, test_rows)
     inventory = {name for r in train_rows for name in PLACEHOLDER.findall(r["response"])}
-    company = load_company(args.company)
     prompts = [item["prompt"] for item in items]
     base = score(answer_with(model, tokenizer, prompts, args, use_adapter=False), items, classifier, inventory, company)
     tuned = score(answer_with(model, tokenizer, prompts, args), items, classifier, inventory, company)
@@ -497,12 +502,6 @@ def evaluate(model, tokenizer, run_dir, args, items, label):
     return differences
 
 
-def read_jsonl_rows(path):
-    if not path.is_file():
-        raise UserError(f"{path} not found: --run must be a complete finetune.py output dir")
-    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
-
-
 def main(args=None):
     args = args or parse_args()
     items = load_prompts(args)
@@ -510,11 +509,9 @@ def main(args=None):
     label = args.prompt and "one prompt" or (f"{args.split} split" if args.split else str(args.prompts or HELDOUT_FILE))
     model, tokenizer, _ = load_for_inference(args)
     if args.compare:
-        evaluate(model, tokenizer, args.run, args, items, label)
+        evaluate(model, tokenizer, args.run, args, items, company, label)
         return
-    records = answer_with(model, tokenizer, [item["prompt"] for item in items], args)
-    for record in records:
-        record["filled_response"], record["unfilled_placeholders"] = fill_placeholders(record["response"], company, record["prompt"])
+    records = fill_records(answer_with(model, tokenizer, [item["prompt"] for item in items], args), company)
     if args.out:
         write_jsonl(args.out, records)
         print(f"wrote {len(records)} answers to {args.out} ({throughput_of(records)})")
