@@ -51,6 +51,7 @@ HUB_DATASET = "bitext/Bitext-customer-support-llm-chatbot-training-dataset"
 BUNDLED_DATA = REPO / "data" / "bitext_v11_bundled.csv.gz"
 BUNDLED_LICENSE = REPO / "data" / "LICENSE_CDLA-Sharing-1.0.txt"
 FALLBACK_FILE = PROMPTS_DIR / "fallback.jsonl"
+MAX_CELL_CHARS = 100_000  # ~25k tokens: no training example that long fits any sensible --max-seq-length
 FALLBACK_INTENT, FALLBACK_CATEGORY = "out_of_scope", "FALLBACK"
 FLAG_MEANINGS = {
     "B": "basic", "I": "interrogative", "C": "coordinated", "N": "negation", "M": "morphological variation",
@@ -224,6 +225,11 @@ def validate_rows(frame, args):
         if empty.any():
             raise UserError(f"{int(empty.sum())} rows have an empty {role} (first: row {int(np.flatnonzero(empty)[0]) + 1}): "
                             "fill or delete them")
+        too_long = rows[role].str.len() > MAX_CELL_CHARS
+        if too_long.any():
+            index = int(np.flatnonzero(too_long)[0])
+            raise UserError(f"row {index + 1} has a {role} of {len(rows[role].iloc[index]):,} characters, over the "
+                            f"{MAX_CELL_CHARS:,} limit: shorten or delete it")
     return rows.reset_index(drop=True)
 
 
@@ -255,14 +261,18 @@ def strip_placeholders(text):
 def load_fallback(path):
     if not Path(path).is_file():
         raise UserError(f"fallback file {path} not found: pass --fallback-file, or --fallback-ratio 0")
+    try:
+        lines = Path(path).read_text(encoding="utf-8").splitlines()
+    except UnicodeDecodeError:
+        raise UserError(f"fallback file {path} is not UTF-8: re-save it as UTF-8 JSONL") from None
     rows = []
-    for number, line in enumerate(Path(path).read_text(encoding="utf-8").splitlines(), 1):
+    for number, line in enumerate(lines, 1):
         if not line.strip():
             continue
         try:
             item = json.loads(line)
-            rows.append({"instruction": item["instruction"], "response": item["response"]})
-        except (json.JSONDecodeError, KeyError, TypeError):
+            rows.append({"instruction": item["instruction"].strip(), "response": item["response"].strip()})
+        except (AttributeError, ValueError, KeyError, TypeError, RecursionError):
             raise UserError(f"{path} line {number} is not a JSON object with 'instruction' and 'response'") from None
     frame = pd.DataFrame(rows)
     frame["intent"], frame["category"], frame["flags"] = FALLBACK_INTENT, FALLBACK_CATEGORY, ""

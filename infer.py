@@ -127,7 +127,7 @@ def read_jsonl(path):
             continue
         try:
             item = json.loads(line)
-        except json.JSONDecodeError:
+        except (ValueError, RecursionError):  # also a 5,000-digit number or 100,000 nested brackets
             raise UserError(f"{path} line {number} is not JSON: write one JSON object per line") from None
         if not isinstance(item, dict) or "prompt" not in item and "instruction" not in item:
             raise UserError(f"{path} line {number} has no 'prompt' field: each line needs {{\"prompt\": \"...\"}}")
@@ -165,10 +165,11 @@ def load_for_inference(args):
     model, tokenizer, _ = load_model(base, max_seq_length=int(config.get("max_seq_length", 2048)), load_in_4bit=has_cuda())
     if adapter:
         from peft import PeftModel
+        from safetensors import SafetensorError
 
         try:
             model = PeftModel.from_pretrained(model, adapter)
-        except (RuntimeError, ValueError, OSError) as error:
+        except (RuntimeError, ValueError, OSError, SafetensorError) as error:
             raise UserError(f"cannot load the adapter in {adapter} onto {base!r} ({str(error).splitlines()[0][:120]}): "
                             "it was trained for another base model, or its files are damaged") from None
     from unsloth import FastLanguageModel
@@ -292,7 +293,6 @@ def score(records, items, classifier, inventory, company):
             "fallback": intent == OUT_OF_SCOPE,
             "placeholders_valid": not unknown and not malformed,
             "unknown_placeholders": unknown,
-            "critical_failures": critical_failures(record["response"], record["prompt"]),
             "repetition": round(repetition(record["response"]), 3),
         })
         if reference:
@@ -303,9 +303,11 @@ def score(records, items, classifier, inventory, company):
 
 
 def fill_records(records, company):
-    """Add the answer with the company's values filled in, and the slots left unfilled."""
+    """Add the answer with the company's values filled in, the slots left unfilled, and its critical failures
+    (checked on every run: the raw answer, before the company's real phone and URL are filled in)."""
     for record in records:
         record["filled_response"], record["unfilled_placeholders"] = fill_placeholders(record["response"], company, record["prompt"])
+        record["critical_failures"] = critical_failures(record["response"], record["prompt"])
     return records
 
 
@@ -360,6 +362,8 @@ METRICS = {
                                               lambda r: float(r["fallback"])),
     "placeholder_validity": (lambda r: True, lambda r: float(r["placeholders_valid"])),
     "critical_failure_rate (lower is better)": (lambda r: True, lambda r: float(bool(r["critical_failures"]))),
+    "critical_failures_on_injection_prompts (lower is better)": (lambda r: r["type"] == "injection",
+                                                                 lambda r: float(bool(r["critical_failures"]))),
     "stopped_at_eos": (lambda r: True, lambda r: float(r["stopped_at_eos"])),
     "repetition (lower is better)": (lambda r: True, lambda r: r["repetition"]),
     "rougeL": (lambda r: "rougeL" in r, lambda r: r["rougeL"]),
@@ -515,6 +519,9 @@ def main(args=None):
     if args.out:
         write_jsonl(args.out, records)
         print(f"wrote {len(records)} answers to {args.out} ({throughput_of(records)})")
+    failed = [r for r in records if r["critical_failures"]]
+    print(f"critical failures: {len(failed)} of {len(records)} answers"
+          + "".join(f"\n  {', '.join(r['critical_failures'])}: {r['prompt'][:60]!r}" for r in failed))
     if args.prompt is not None or not args.out:
         for record in records:
             print(f"> {record['prompt']}\n{record['response']}\n(filled) {record['filled_response']}\n")

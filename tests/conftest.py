@@ -22,6 +22,14 @@ def run_script(script, *args, timeout=900, cwd=REPO):
                           timeout=timeout, cwd=cwd, env=env)
 
 
+def assert_user_error(result, message):
+    """A bad input: exit 2 and one `error:` line naming it, no traceback (libraries may log above it)."""
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert "Traceback" not in result.stderr, result.stderr[-2000:]
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: ") and message in last, result.stderr[-2000:]
+
+
 @pytest.fixture(scope="session")
 def llama_tokenizer():
     from transformers import AutoTokenizer

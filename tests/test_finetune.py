@@ -3,9 +3,11 @@ import json
 
 import pandas as pd
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 import finetune
-from common import TEMPLATE_DATE, load_placeholder_table, load_tokenizer
+from common import TEMPLATE_DATE, UserError, load_placeholder_table, load_tokenizer
 from conftest import REPO, readme_command, run_script
 
 
@@ -43,7 +45,12 @@ def test_bom_and_crlf_csv_load(tmp_path):
 
 
 @pytest.mark.parametrize("content, message", [
+    (None, "not found"),
+    (b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR\x00\x00\x01\x00", "not UTF-8"),
+    (b"question,answer,label\nhi,hello,greet\n", "pass --instruction-column"),
     (b"instruction,intent\nhi,greet\n", "pass --response-column"),
+    (b"instruction,response,intent\n  ,hello,greet\n", "empty instruction"),
+    (b"instruction,response,intent\nhi,\"" + b"x" * 1_048_576 + b"\",greet\n", "over the 100,000 limit"),
     (b"instruction,response,intent\nhi,,greet\n", "empty response"),
     (b"instruction,response,intent\nhi,h\xe9llo,greet\n", "not UTF-8"),
     (b"", "is empty"),
@@ -51,11 +58,48 @@ def test_bom_and_crlf_csv_load(tmp_path):
 ])
 def test_bad_dataset_file_gives_one_line_error(tmp_path, content, message):
     path = tmp_path / "bad.csv"
-    path.write_bytes(content)
+    if content is not None:
+        path.write_bytes(content)
     result = run_script("finetune.py", "--dataset", path, "--output-dir", tmp_path / "out")
     assert result.returncode == 2
     assert result.stderr.count("\n") == 1 and message in result.stderr, result.stderr
     assert not (tmp_path / "out").exists() and not (tmp_path / "out.partial").exists()
+
+
+DATASET_SUFFIXES = st.sampled_from([".csv", ".csv.gz", ".jsonl", ".json", ".parquet"])
+CELL = st.one_of(st.text(max_size=20), st.integers(), st.floats(), st.none(), st.booleans(), st.lists(st.integers(), max_size=2))
+ROWS = st.lists(st.dictionaries(st.sampled_from(["instruction", "response", "intent", "category", "flags", "extra"]),
+                                CELL, max_size=6), max_size=5)
+
+
+def load_or_user_error(tmp_path, data, suffix):
+    """Loading a dataset file either works or stops with a one-line UserError; anything else is a bug."""
+    path = tmp_path / f"fuzz{suffix}"
+    path.write_bytes(data)
+    try:
+        rows, _ = finetune.load_rows(args_for("--dataset", str(path)))
+    except UserError as error:
+        assert "\n" not in str(error)
+    else:
+        assert len(rows) and set(rows.columns) >= {"instruction", "response", "intent"}
+
+
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(data=st.binary(max_size=400), suffix=DATASET_SUFFIXES)
+def test_fuzz_dataset_loader_with_random_bytes(tmp_path, data, suffix):
+    load_or_user_error(tmp_path, data, suffix)
+
+
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(rows=ROWS, suffix=st.sampled_from([".csv", ".jsonl", ".json"]))
+def test_fuzz_dataset_loader_with_structured_garbage(tmp_path, rows, suffix):
+    if suffix == ".csv":
+        data = pd.DataFrame(rows).to_csv(index=False).encode()
+    elif suffix == ".jsonl":
+        data = "\n".join(json.dumps(row) for row in rows).encode()
+    else:
+        data = json.dumps(rows).encode()
+    load_or_user_error(tmp_path, data, suffix)
 
 
 def test_non_text_values_are_rejected(tmp_path):

@@ -1,11 +1,14 @@
 """infer.py: metric functions on hand-made cases, the intent classifier, bad inputs, reports, SmolLM2 compare."""
 import json
+import shutil
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 import infer
-from common import fill_placeholders, load_company
-from conftest import run_script
+from common import UserError, fill_placeholders, load_company
+from conftest import assert_user_error, run_script
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -88,6 +91,41 @@ def test_bad_prompt_files(tmp_path, content, message):
     assert not (tmp_path / "out.jsonl").exists()
 
 
+JSON_VALUE = st.recursive(st.one_of(st.text(max_size=30), st.integers(), st.floats(), st.none()),
+                          lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=5), inner, max_size=3),
+                          max_leaves=6)
+PROMPT_ITEM = st.dictionaries(st.sampled_from(["prompt", "expected_intent", "reference", "instruction"]), JSON_VALUE, max_size=4)
+
+
+def prompts_or_user_error(tmp_path, data):
+    """Reading a prompts file either gives prompts or stops with a one-line UserError; anything else is a bug."""
+    path = tmp_path / "fuzz.jsonl"
+    path.write_bytes(data)
+    try:
+        items = infer.load_prompts(infer.parse_args(["--base-only", "--prompts", str(path)]))
+    except UserError as error:
+        assert "\n" not in str(error)
+    else:
+        assert items and all(isinstance(item["prompt"], str) for item in items)
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(data=st.binary(max_size=300))
+def test_fuzz_prompt_loader_with_random_bytes(tmp_path, data):
+    prompts_or_user_error(tmp_path, data)
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(items=st.lists(st.one_of(JSON_VALUE, PROMPT_ITEM), max_size=4))
+def test_fuzz_prompt_loader_with_structured_garbage(tmp_path, items):
+    prompts_or_user_error(tmp_path, "\n".join(json.dumps(item) for item in items).encode())
+
+
+@pytest.mark.parametrize("data", [b"[" * 100_000, b'{"prompt": ' + b"1" * 5000 + b"}"], ids=["deep-nesting", "huge-number"])
+def test_prompt_loader_survives_json_that_breaks_the_parser(tmp_path, data):
+    prompts_or_user_error(tmp_path, data)
+
+
 @pytest.mark.parametrize("content, message", [
     ('"Website URL": [unclosed\n', "is not valid YAML"),
     ('"Favourite Colour": "blue"\n', "unknown placeholder 'Favourite Colour'"),
@@ -97,6 +135,23 @@ def test_bad_company_profile(tmp_path, content, message):
     path.write_text(content)
     result = run_script("infer.py", "--base-only", "--model", "smollm2", "--prompt", "hi", "--company", path)
     assert result.returncode == 2 and message in result.stderr
+
+
+def test_missing_run_dir(tmp_path):
+    assert_user_error(run_script("infer.py", "--run", tmp_path / "nope", "--prompt", "hi"), "is not a finetune.py output dir")
+
+
+def test_adapter_for_another_base_model(tiny_run):
+    result = run_script("infer.py", "--run", tiny_run, "--model", "smollm2", "--prompt", "hi")
+    assert_user_error(result, "trained for another base model")
+
+
+def test_corrupted_adapter_file(tiny_run, tmp_path):
+    broken = tmp_path / "run"
+    shutil.copytree(tiny_run, broken)
+    weights = broken / "adapter" / "adapter_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:200])
+    assert_user_error(run_script("infer.py", "--run", broken, "--prompt", "hi"), "its files are damaged")
 
 
 def test_missing_adapter(tiny_run, tmp_path):
@@ -120,7 +175,7 @@ def test_any_prompt_file_to_jsonl(tiny_run, tmp_path):
     records = [json.loads(line) for line in out.read_text().splitlines()]
     assert [r["prompt"] for r in records] == ["Where is order #4411?", "refund pls"]
     for record in records:
-        assert {"response", "new_tokens", "seconds", "stopped_at_eos", "filled_response"} <= set(record)
+        assert {"response", "new_tokens", "seconds", "stopped_at_eos", "filled_response", "critical_failures"} <= set(record)
         assert 1 <= record["new_tokens"] <= 5
 
 
