@@ -38,7 +38,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 import finetune  # noqa: E402  (needs the repo on sys.path; imports no ML library at module level)
-from common import CACHE_DIR, has_cuda, load_model, load_tokenizer, read_system_prompt, run_main, write_json  # noqa: E402
+from common import CACHE_DIR, UserError, has_cuda, load_model, load_tokenizer, read_system_prompt, run_main, write_json  # noqa: E402
 
 VARIANTS = {
     "unsloth": {"loader": "unsloth", "checkpointing": "unsloth"},
@@ -77,7 +77,8 @@ def parse_args(argv=None):
     p.add_argument("--rows", type=int, default=512, help="Bitext rows to train on (the trainer cycles through them)")
     p.add_argument("--length-rows", type=int, help="rows for the mean example length (default: all bundled rows)")
     p.add_argument("--seed", type=int, default=42)
-    p.add_argument("--matmul-size", type=int, help=f"roofline matmul size (default {MATMUL_SIZE['cpu']} CPU, {MATMUL_SIZE['cuda']} GPU)")
+    p.add_argument("--matmul-size", type=int,
+                   help=f"roofline matmul size (default {MATMUL_SIZE['cpu']} on CPU, {MATMUL_SIZE['cuda']} on GPU)")
     p.add_argument("--out", type=Path, default=Path("benchmarks/results/train.json"))
     p.add_argument("--variant", choices=list(VARIANTS), help=argparse.SUPPRESS)  # internal: run one variant
     p.add_argument("--variant-out", type=Path, help=argparse.SUPPRESS)
@@ -401,7 +402,9 @@ def main():
     if args.variant:
         write_json(args.variant_out, run_variant(args))
         return
-    gpu = args.gpu or has_cuda()
+    gpu = has_cuda()
+    if args.gpu and not gpu:
+        raise UserError("--gpu needs CUDA, and torch sees no GPU here: drop --gpu to benchmark the CPU path")
     model = args.model or (shape_model_dir(args.shape_config, args.shape_tokenizer) if gpu else "smollm2")
     peaks = roofline(gpu, args.matmul_size)
     print(f"matmul peak GFLOP/s: {peaks}", flush=True)
