@@ -494,65 +494,25 @@ def train(args, splits, work_dir, system_prompt):
     import torch
 
     model, tokenizer, model_name = load_model(args.model, args.max_seq_length)
-    from trl import SFTConfig, SFTTrainer
-    from transformers import DataCollatorForSeq2Seq, TrainerCallback
-    from unsloth import FastLanguageModel, is_bfloat16_supported
+    from transformers import TrainerCallback
+    from unsloth import is_bfloat16_supported
 
     datasets, dropped = {}, {}
     for name in ("train", "val"):
         datasets[name], dropped[name] = encode_split(tokenizer, system_prompt, splits[name], args.max_seq_length)
         if dropped[name]:
             log.warning("%s: left out %d examples longer than %d tokens", name, dropped[name], args.max_seq_length)
-    model = FastLanguageModel.get_peft_model(
-        model, r=args.lora_r, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout,
-        target_modules=args.target_modules.split(","), bias="none",
-        use_gradient_checkpointing="unsloth", random_state=args.seed,
-    )
+    model = add_lora(model, args)
     cuda = has_cuda()
-    config = SFTConfig(
-        output_dir=str(work_dir / "checkpoints"),
-        per_device_train_batch_size=args.batch_size,
-        per_device_eval_batch_size=args.batch_size,
-        gradient_accumulation_steps=args.grad_accum,
-        num_train_epochs=args.epochs,
-        max_steps=args.max_steps,
-        learning_rate=args.learning_rate,
-        warmup_steps=args.warmup_steps,
-        lr_scheduler_type="linear",
-        gradient_checkpointing=False,  # get_peft_model already set up Unsloth's own; TRL's would recompute twice
-        weight_decay=0.01,
-        optim="adamw_8bit" if cuda else "adamw_torch",
-        fp16=cuda and not is_bfloat16_supported(),  # a T4 has no bf16
-        bf16=cuda and is_bfloat16_supported(),
-        logging_steps=args.logging_steps,
-        save_steps=args.save_steps,
-        save_total_limit=2,
-        eval_strategy="no",
-        seed=args.seed,
-        data_seed=args.seed,
-        report_to="none",
-        max_length=args.max_seq_length,
-        dataset_kwargs={"skip_prepare_dataset": True},  # already tokenized, with answer-only labels
-        remove_unused_columns=False,
-    )
+
     class LossToLog(TrainerCallback):
         def on_log(self, _args, state, _control, logs=None, **_):
             log.info("step %d: %s", state.global_step, json.dumps(logs))
 
-    trainer = SFTTrainer(
-        model=model, args=config, train_dataset=datasets["train"], eval_dataset=datasets["val"],
-        processing_class=tokenizer,
-        data_collator=DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=-100),
-        callbacks=[LossToLog()],
-    )
+    trainer = build_trainer(args, model, tokenizer, datasets["train"], datasets["val"], work_dir / "checkpoints",
+                            native_bf16=cuda and is_bfloat16_supported(), callbacks=[LossToLog()])
     # LoRA's B matrices start at zero, so before training the model is exactly the base model:
     # the same code on the same val rows gives the base loss.
-    if not (cuda and is_bfloat16_supported()):
-        # TRL casts QLoRA adapters to bf16; without native bf16 (CPU, T4) that made steps ~3x slower
-        # here, and fp16 mixed precision needs fp32 master weights anyway.
-        for param in model.parameters():
-            if param.requires_grad:
-                param.data = param.data.float()
     base_val_loss = trainer.evaluate()["eval_loss"]
     log.info("base val loss %.4f on %d rows", base_val_loss, len(datasets["val"]))
     checkpoint = last_checkpoint(work_dir) if args.resume else None
@@ -587,6 +547,69 @@ def train(args, splits, work_dir, system_prompt):
         "peak_memory_gb": round(peak_memory_gb(cuda), 2),
         "loss_per_step": [{"step": e["step"], "loss": e["loss"]} for e in trainer.state.log_history if "loss" in e],
     }
+
+
+def lora_settings(args):
+    """The LoRA hyperparameters, as both Unsloth's get_peft_model and peft's LoraConfig take them."""
+    return {"r": args.lora_r, "lora_alpha": args.lora_alpha, "lora_dropout": args.lora_dropout,
+            "target_modules": args.target_modules.split(","), "bias": "none"}
+
+
+def add_lora(model, args, gradient_checkpointing="unsloth"):
+    from unsloth import FastLanguageModel
+
+    return FastLanguageModel.get_peft_model(model, **lora_settings(args), use_gradient_checkpointing=gradient_checkpointing,
+                                            random_state=args.seed)
+
+
+def build_trainer(args, model, tokenizer, train_dataset, eval_dataset, output_dir, native_bf16, callbacks=(),
+                  trl_collator=False, **config_overrides):
+    """TRL's SFTTrainer on the pre-tokenized answer-only examples; benchmarks/train_bench.py reuses it.
+
+    trl_collator: let TRL collate (its padding_free / packing refuse a custom collator); the default pads each batch
+    and keeps our labels. config_overrides replace SFTConfig fields.
+    """
+    from transformers import DataCollatorForSeq2Seq
+    from trl import SFTConfig, SFTTrainer
+
+    cuda = has_cuda()
+    settings = dict(
+        output_dir=str(output_dir),
+        per_device_train_batch_size=args.batch_size,
+        per_device_eval_batch_size=args.batch_size,
+        gradient_accumulation_steps=args.grad_accum,
+        num_train_epochs=args.epochs,
+        max_steps=args.max_steps,
+        learning_rate=args.learning_rate,
+        warmup_steps=args.warmup_steps,
+        lr_scheduler_type="linear",
+        gradient_checkpointing=False,  # get_peft_model already set up Unsloth's own; TRL's would recompute twice
+        weight_decay=0.01,
+        optim="adamw_8bit" if cuda else "adamw_torch",
+        fp16=cuda and not native_bf16,  # a T4 has no bf16
+        bf16=native_bf16,
+        logging_steps=args.logging_steps,
+        save_steps=args.save_steps,
+        save_total_limit=2,
+        eval_strategy="no",
+        seed=args.seed,
+        data_seed=args.seed,
+        report_to="none",
+        max_length=args.max_seq_length,
+        dataset_kwargs={"skip_prepare_dataset": True},  # already tokenized, with answer-only labels
+        remove_unused_columns=False,
+    )
+    config = SFTConfig(**dict(settings, **config_overrides))
+    collator = None if trl_collator else DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=-100)
+    trainer = SFTTrainer(model=model, args=config, train_dataset=train_dataset, eval_dataset=eval_dataset,
+                         processing_class=tokenizer, data_collator=collator, callbacks=list(callbacks))
+    if not native_bf16:
+        # TRL casts QLoRA adapters to bf16; without native bf16 (CPU, T4) that made steps ~3x slower
+        # here, and fp16 mixed precision needs fp32 master weights anyway.
+        for param in model.parameters():
+            if param.requires_grad:
+                param.data = param.data.float()
+    return trainer
 
 
 def last_checkpoint(work_dir):

@@ -1,0 +1,32 @@
+"""benchmarks/: both scripts end to end on the tiny random Llama, at the smallest sizes that still measure a step."""
+import json
+
+from conftest import run_script
+
+TRAIN_VARIANTS = ["unsloth", "baseline", "unsloth-padding-free", "unsloth-packing", "unsloth-no-gc"]
+
+
+def test_train_bench_measures_every_variant(tiny_llama, tmp_path):
+    out = tmp_path / "train.json"
+    result = run_script("benchmarks/train_bench.py", "--model", tiny_llama, "--steps", 1, "--warmup-steps", 1,
+                        "--rows", 8, "--grad-accum", 1, "--length-rows", 30, "--matmul-size", 128, "--out", out)
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads(out.read_text())
+    assert [r["variant"] for r in report["results"]] == TRAIN_VARIANTS
+    for r in report["results"]:
+        assert r["status"] == "ok", r
+        assert r["tokens_per_s"] > 0 and r["peak_memory_gb"] > 0 and r["measured_steps"] == 1
+        assert r["vs_baseline"]["tokens_per_s"] > 0 and 0 < r["mfu"]["fp32"]
+    assert all(g > 0 for g in report["roofline_gflops"].values()) and report["mean_tokens_per_row"] > 50
+    assert "× baseline tok/s" in report["markdown"] and "| baseline | " in result.stdout
+
+
+def test_generate_bench_adapter_and_merged(tiny_llama, tmp_path):
+    out = tmp_path / "generate.json"
+    result = run_script("benchmarks/generate_bench.py", "--model", tiny_llama, "--limit", 2, "--batch-sizes", "1,2",
+                        "--max-new-tokens", 3, "--out", out)
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads(out.read_text())
+    assert [(r["mode"], r["batch_size"]) for r in report["results"]] == [("adapter", 1), ("adapter", 2), ("merged", 1), ("merged", 2)]
+    assert all(r["new_tokens_per_s"] > 0 and r["vs_batch_1"] > 0 for r in report["results"])
+    assert "× batch 1" in report["markdown"]
