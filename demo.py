@@ -76,6 +76,19 @@ def parse_args(argv=None):
     return args
 
 
+def check_port_free(host, port):
+    """Fail in a second when the address is taken, rather than after loading the model."""
+    import socket
+
+    family, kind, _, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+    with socket.socket(family, kind) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the server will, so TIME_WAIT is no obstacle
+        try:
+            probe.bind(address)
+        except OSError as error:
+            raise UserError(f"cannot serve on {host}:{port} ({error.strerror}): pass another --port or --host") from None
+
+
 def parse_auth(text):
     user, colon, password = text.partition(":")
     return (user, password) if colon and user and password else None
@@ -312,6 +325,7 @@ def main(args=None):
     load_company(args.company)  # a broken profile stops here, before the model loads
     company_text = args.company.read_text(encoding="utf-8")
     system_prompt = read_system_prompt(args.system_prompt_file)
+    check_port_free(args.host, args.port)
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # no calls home from an offline demo
     model, tokenizer, config = load_for_inference(args)
     bot = Bot(model, tokenizer, system_prompt, context_size(model, config), has_adapter=bool(args.run and not args.base_only))
@@ -321,10 +335,7 @@ def main(args=None):
     demo = build_app(bot, company_text, label, args.max_new_tokens)
     demo.queue(default_concurrency_limit=1, max_size=args.queue_size)
     theme = gr.themes.Default(font=FONTS, font_mono=MONO_FONTS)
-    try:
-        demo.launch(server_name=args.host, server_port=args.port, share=args.share, auth=auth, theme=theme)
-    except OSError as error:
-        raise UserError(f"cannot serve on {args.host}:{args.port} ({str(error).splitlines()[0][:100]}): pass another --port") from None
+    demo.launch(server_name=args.host, server_port=args.port, share=args.share, auth=auth, theme=theme)
 
 
 if __name__ == "__main__":

@@ -145,6 +145,15 @@ def test_bad_command_lines(tiny_run, tmp_path, argv, message):
     assert time.time() - started < 60  # failed before loading the model
 
 
+def test_a_busy_port_fails_before_the_model_loads(tiny_run):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        result = run_script("demo.py", "--run", tiny_run, "--port", taken.getsockname()[1], timeout=120)
+    assert result.returncode == 2 and "cannot serve on 127.0.0.1:" in result.stderr, result.stderr
+    assert result.stderr.count("\n") == 1 and "Unsloth" not in result.stdout
+
+
 # ----------------------------------------------------------------------------------------------------
 # The running app: a browser, then 50 users at once
 
