@@ -221,20 +221,29 @@ def load_placeholder_table(path=PLACEHOLDER_TABLE):
 
 def load_company(path=COMPANY_FILE):
     """The company profile: {placeholder name: value}, names from the placeholder table."""
-    import yaml
-
     path = Path(path)
     if not path.is_file():
         raise UserError(f"company profile {path} not found: pass --company with an existing YAML file")
     try:
-        profile = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except (yaml.YAMLError, UnicodeDecodeError) as error:
-        raise UserError(f"company profile {path} is not valid YAML ({str(error).splitlines()[0]}): fix its syntax") from None
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise UserError(f"company profile {path} is not UTF-8 text: re-save it as UTF-8") from None
+    return parse_company(text, f"company profile {path}")
+
+
+def parse_company(text, source="the company profile"):
+    """Check and read a company profile's YAML text (a file, or an edit in demo.py); `source` names it in errors."""
+    import yaml
+
+    try:
+        profile = yaml.safe_load(text)
+    except yaml.YAMLError as error:
+        raise UserError(f"{source} is not valid YAML ({str(error).splitlines()[0]}): fix its syntax") from None
     if not isinstance(profile, dict) or not all(isinstance(k, str) and isinstance(v, (str, int)) for k, v in profile.items()):
-        raise UserError(f"company profile {path} must map placeholder names to text, like \"Customer Support Hours\": \"9-5\"")
+        raise UserError(f"{source} must map placeholder names to text, like \"Customer Support Hours\": \"9-5\"")
     unknown = sorted(set(profile) - set(load_placeholder_table()))
     if unknown:
-        raise UserError(f"company profile {path} has an unknown placeholder {unknown[0]!r}: use a name from prompts/placeholders.yaml")
+        raise UserError(f"{source} has an unknown placeholder {unknown[0]!r}: use a name from prompts/placeholders.yaml")
     return {k: str(v) for k, v in profile.items()}
 
 

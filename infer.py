@@ -12,6 +12,7 @@ ROUGE-L and embedding cosine against references, and the shape of the answer. `-
 bootstrap intervals for tuned minus base, and writes report.md, report.html and a plot.
 """
 import argparse
+import contextlib
 import html
 import importlib.util
 import json
@@ -203,11 +204,16 @@ def generate(model, tokenizer, prompts, system_prompt, max_new_tokens, batch_siz
     return records
 
 
+def adapter_mode(model, use_adapter=True):
+    """A context in which the model runs with its LoRA adapter, or without it (the base model; one copy in memory)."""
+    if use_adapter or not hasattr(model, "disable_adapter"):
+        return contextlib.nullcontext()
+    return model.disable_adapter()
+
+
 def answer_with(model, tokenizer, prompts, args, use_adapter=True):
     system_prompt = read_system_prompt(args.system_prompt_file)
-    if use_adapter or not hasattr(model, "disable_adapter"):
-        return generate(model, tokenizer, prompts, system_prompt, args.max_new_tokens, args.batch_size)
-    with model.disable_adapter():
+    with adapter_mode(model, use_adapter):
         return generate(model, tokenizer, prompts, system_prompt, args.max_new_tokens, args.batch_size)
 
 
