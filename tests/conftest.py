@@ -39,21 +39,25 @@ def llama_tokenizer():
     return prepare_tokenizer(AutoTokenizer.from_pretrained(LLAMA_TOKENIZER))
 
 
-@pytest.fixture(scope="session")
-def tiny_llama(tmp_path_factory):
+def make_tiny_llama(folder, initializer_range=0.02):
     """A randomly initialised 2-layer Llama (hidden 64) with the real Llama 3.2 tokenizer and chat template."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
-    folder = tmp_path_factory.mktemp("tiny-llama")
     config = LlamaConfig(vocab_size=128256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048,
-                         bos_token_id=128000, eos_token_id=128009, pad_token_id=128004, tie_word_embeddings=True)
+                         bos_token_id=128000, eos_token_id=128009, pad_token_id=128004, tie_word_embeddings=True,
+                         initializer_range=initializer_range)
     LlamaForCausalLM(config).save_pretrained(folder)
     for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja"):
         shutil.copy(LLAMA_TOKENIZER / name, folder / name)
     return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_llama(tmp_path_factory):
+    return make_tiny_llama(tmp_path_factory.mktemp("tiny-llama"))
 
 
 @pytest.fixture(scope="session")

@@ -120,6 +120,12 @@ def test_bad_flags_exit_2(flags, message):
     assert result.returncode == 2 and message in result.stderr
 
 
+def test_learning_rate_default_depends_on_the_model():
+    assert args_for("--model", "smollm2").learning_rate == finetune.SMOLLM2_LEARNING_RATE == 1e-3
+    assert args_for("--model", "unsloth/Llama-3.2-3B-Instruct").learning_rate == finetune.GPU_LEARNING_RATE == 2e-4
+    assert args_for("--model", "smollm2", "--learning-rate", "5e-5").learning_rate == 5e-5
+
+
 def test_subset_larger_than_the_data_is_an_error(small_csv, tmp_path):
     result = run_script("finetune.py", "--dataset", small_csv, "--subset", "1000", "--output-dir", tmp_path / "out")
     assert result.returncode == 2 and "is larger than the" in result.stderr
@@ -160,7 +166,7 @@ def test_subset_and_fallback_mixing(bundled_rows):
     # proportional: the 1,000-row intents dominate the sample as they dominate the data
     assert bitext["train"]["intent"].value_counts().iloc[0] > 80
     fallback = {name: set(s.loc[s["intent"] == finetune.FALLBACK_INTENT, "instruction"]) for name, s in splits.items()}
-    assert len(fallback["train"]) == round(500 * 0.03 / 0.97)
+    assert len(fallback["train"]) == 56  # --fallback-ratio 0.1: 56 of 556
     assert fallback["val"] and fallback["test"]
     assert not (fallback["train"] & fallback["val"] or fallback["train"] & fallback["test"] or fallback["val"] & fallback["test"])
 
