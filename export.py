@@ -180,10 +180,14 @@ def agreement(reference, answers, tokenizer):
         a, b = ref["token_ids"], ans["token_ids"]
         if a != b:
             position = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
-            token = lambda ids: tokenizer.decode(ids[position:position + 1]) if position < len(ids) else "(end)"  # noqa: E731
-            differences.append({"prompt": ref["prompt"], "position": position, "reference_token": token(a), "token": token(b)})
+            differences.append({"prompt": ref["prompt"], "position": position,
+                                "reference_token": token_at(tokenizer, a, position), "token": token_at(tokenizer, b, position)})
     same = len(reference) - len(differences)
     return {"same": same, "agreement": round(same / len(reference), 4), "differences": differences}
+
+
+def token_at(tokenizer, ids, position):
+    return tokenizer.decode(ids[position:position + 1]) if position < len(ids) else "(answer ended)"
 
 
 def ollama_template(tokenizer, system_prompt):

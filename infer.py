@@ -158,7 +158,7 @@ def run_config(run, need_adapter=True):
     if not (run / "config.json").is_file():
         raise UserError(f"{run} is not a finetune.py output dir (no config.json): pass a finished run")
     if need_adapter and not (run / "adapter" / "adapter_config.json").is_file():
-        raise UserError(f"no adapter in {run / 'adapter'}: finish the run with finetune.py, or pass --base-only")
+        raise UserError(f"no adapter in {run / 'adapter'}: finish the run with finetune.py (infer.py --base-only needs none)")
     return json.loads((run / "config.json").read_text())
 
 
