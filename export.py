@@ -67,12 +67,11 @@ def export_run(run, formats, system_prompt_file, check_limit=None, max_new_token
 
     # The adapter's answers come from the base in 16 or 32 bits, never 4-bit NF4: merging needs those weights, and the
     # merged model is then the same function up to rounding, so its answers should match.
-    model, tokenizer, _ = infer.load_for_inference(argparse.Namespace(run=run, base_only=False, model=None, merged=None, gguf=None),
-                                                   base_in_4bit=False)
+    model, tokenizer, _ = infer.load_for_inference(model_args(run=run), base_in_4bit=False)
     adapter_answers = answer(model, tokenizer)
     dtype = save_merged(model.merge_and_unload(), tokenizer, partial / "merged")
     del model
-    merged_answers = answer(*infer.load_for_inference(single_model(merged=partial / "merged"))[:2])
+    merged_answers = answer(*infer.load_for_inference(model_args(merged=partial / "merged"))[:2])
     check = {"prompts": len(prompts), "prompt_file": str(infer.HELDOUT_FILE), "max_new_tokens": max_new_tokens,
              "greedy": True, "min_agreement": MIN_AGREEMENT,
              "merged": dict(dtype=dtype, bytes=folder_bytes(partial / "merged"), against="adapter",
@@ -80,7 +79,7 @@ def export_run(run, formats, system_prompt_file, check_limit=None, max_new_token
     if "gguf" in formats:
         check["gguf"] = {}
         for path in write_ggufs(partial / "merged", partial):
-            model, gguf_tokenizer, _ = infer.load_for_inference(single_model(gguf=path))
+            model, gguf_tokenizer, _ = infer.load_for_inference(model_args(gguf=path))
             check["gguf"][path.name] = dict(bytes=path.stat().st_size, against="merged", **gguf_metadata(path),
                                             same_prompt_token_ids=same_prompt_ids(tokenizer, gguf_tokenizer, prompts, system_prompt),
                                             **agreement(merged_answers, answer(model, gguf_tokenizer), tokenizer))
@@ -95,8 +94,9 @@ def export_run(run, formats, system_prompt_file, check_limit=None, max_new_token
     return check
 
 
-def single_model(merged=None, gguf=None):
-    return argparse.Namespace(run=None, base_only=False, model=None, merged=merged, gguf=gguf)
+def model_args(run=None, merged=None, gguf=None):
+    """What infer.load_for_inference reads from infer.py's flags."""
+    return argparse.Namespace(run=run, base_only=False, model=None, merged=merged, gguf=gguf)
 
 
 def save_merged(model, tokenizer, folder):
