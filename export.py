@@ -78,11 +78,14 @@ def export_run(run, formats, system_prompt_file, check_limit=None, max_new_token
                             **agreement(adapter_answers, merged_answers, tokenizer))}
     if "gguf" in formats:
         check["gguf"] = {}
+        # The weights are compared on the merged tokenizer's ids: transformers' GGUF reader rebuilds Llama 3's tokenizer
+        # with another pre-tokenizer ("\n\n" becomes two tokens; llama.cpp itself uses the GGUF's llama-bpe rules), so
+        # whether that reader gives the same prompt ids is reported on its own.
         for path in write_ggufs(partial / "merged", partial):
             model, gguf_tokenizer, _ = infer.load_for_inference(model_args(gguf=path))
             check["gguf"][path.name] = dict(bytes=path.stat().st_size, against="merged", **gguf_metadata(path),
                                             same_prompt_token_ids=same_prompt_ids(tokenizer, gguf_tokenizer, prompts, system_prompt),
-                                            **agreement(merged_answers, answer(model, gguf_tokenizer), tokenizer))
+                                            **agreement(merged_answers, answer(model, tokenizer), tokenizer))
             del model
         if not shutil.which("llama-quantize"):
             check["q4_k_m"] = "skipped: llama.cpp's llama-quantize is not on PATH (build llama.cpp to make one)"
