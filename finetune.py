@@ -4,6 +4,8 @@
     python finetune.py --inspect                      # data report (Markdown + plots), no training
     python finetune.py --subset 500 --dry-run         # check data and config, train nothing
     python finetune.py --subset 500 --resume          # continue an interrupted run from its last checkpoint
+    python finetune.py --subset 500 --export merged,gguf         # then merged 16-bit weights, GGUF, Ollama Modelfile
+    python finetune.py --from-run runs/smollm2 --export gguf     # export a finished run without training again
     python finetune.py --dataset my.csv --instruction-column question --response-column answer --intent-column label
 
 Data: the Bitext hub dataset (default), a local CSV / Parquet / JSONL file, or `bundled` (5,398 verbatim rows
@@ -28,6 +30,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+import export
 from common import (
     PLACEHOLDER,
     PROMPTS_DIR,
@@ -110,6 +113,9 @@ def parse_args(argv=None):
                      help="after training, answer the held-out prompts with base and tuned and write OUTPUT_DIR/eval/")
     out.add_argument("--eval-limit", type=int, help="use only the first N held-out prompts")
     out.add_argument("--eval-max-new-tokens", type=int, default=256)
+    out.add_argument("--export", help="after training: 'merged', 'gguf' or 'merged,gguf' into OUTPUT_DIR/export/ (gguf builds merged too)")
+    out.add_argument("--from-run", type=Path, help="export this finished run instead of training (needs --export)")
+    out.add_argument("--export-check-limit", type=int, help="check the export on the first N held-out prompts only")
     out.add_argument("--inspect", action="store_true", help="write a data report to --report-dir and stop")
     out.add_argument("--report-dir", type=Path, default=Path("reports/data"))
     args = p.parse_args(argv)
@@ -132,6 +138,10 @@ def check_flags(parser, args):
         (not 0 <= args.fallback_ratio < 0.5, "--fallback-ratio must be in [0, 0.5)"),
         (args.resume and args.overwrite, "--resume and --overwrite exclude each other"),
         (args.eval_limit is not None and args.eval_limit < 1, "--eval-limit must be >= 1"),
+        (args.export is not None and export.parse_formats(args.export) is None,
+         f"--export takes {', '.join(export.FORMATS)} or both, comma-separated (got {args.export!r})"),
+        (args.from_run and not args.export, "--from-run exports a finished run: add --export merged,gguf"),
+        (args.export_check_limit is not None and args.export_check_limit < 1, "--export-check-limit must be >= 1"),
     ]
     for bad, message in problems:
         if bad:
@@ -680,6 +690,13 @@ customer-support data to answer customer questions. Load it with infer.py `--run
 def main():
     args = parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S", stream=sys.stdout)
+    if args.export and "gguf" in export.parse_formats(args.export):
+        export.converter()  # a missing converter stops the run now, not after training
+    if args.from_run:
+        if not args.from_run.is_dir():
+            raise UserError(f"--from-run {args.from_run} is not a directory: pass a finished finetune.py output dir")
+        export_run(args, args.from_run)
+        return
     rows, source_label = load_rows(args)
     before = len(rows)
     rows = rows.drop_duplicates(["instruction", "response"]).reset_index(drop=True)
@@ -740,6 +757,13 @@ def main():
         infer.main(infer.parse_args(["--run", str(output_dir), "--compare", "--system-prompt-file", str(args.system_prompt_file),
                                      "--max-new-tokens", str(args.eval_max_new_tokens)]
                                     + (["--limit", str(args.eval_limit)] if args.eval_limit else [])))
+    if args.export:
+        export_run(args, output_dir)
+
+
+def export_run(args, run_dir):
+    export.export_run(run_dir, export.parse_formats(args.export), args.system_prompt_file, args.export_check_limit,
+                      args.eval_max_new_tokens)
 
 
 if __name__ == "__main__":

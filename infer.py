@@ -5,6 +5,8 @@
     python infer.py --run runs/smollm2 --compare                  # held-out set, base vs tuned -> runs/smollm2/eval/
     python infer.py --run runs/smollm2 --split test --compare --limit 60
     python infer.py --base-only --model smollm2 --prompt "Where is my order?"
+    python infer.py --merged runs/smollm2/export/merged --prompt "Where is my order?"   # after finetune.py --export
+    python infer.py --gguf runs/smollm2/export/model-q8_0.gguf --out answers.jsonl
 
 Scores are automatic and offline: the intent an answer addresses (MiniLM embeddings + logistic regression
 trained on the run's training answers), out-of-scope fallback, placeholder validity, critical failures,
@@ -63,8 +65,8 @@ def parse_args(argv=None):
     models.add_argument("--run", type=Path, help="a finetune.py output dir: base model + its adapter")
     models.add_argument("--base-only", action="store_true", help="use the base model alone")
     models.add_argument("--model", help="base model for --base-only without --run (auto | smollm2 | hub id | dir | .gguf)")
-    models.add_argument("--merged", type=Path, help="merged weights (comes with the export issue)")
-    models.add_argument("--gguf", type=Path, help="GGUF file (comes with the export issue)")
+    models.add_argument("--merged", type=Path, help="merged weights from finetune.py --export (RUN/export/merged)")
+    models.add_argument("--gguf", type=Path, help="GGUF file from finetune.py --export (RUN/export/model-q8_0.gguf)")
     gen = p.add_argument_group("generation")
     gen.add_argument("--max-new-tokens", type=int, default=256)
     gen.add_argument("--batch-size", type=int, default=8, help="prompts generated together (greedy)")
@@ -79,8 +81,11 @@ def parse_args(argv=None):
     judge.add_argument("--judge-model", default="gpt-4o-mini")
     args = p.parse_args(argv)
     problems = [
-        (args.merged or args.gguf, "--merged and --gguf arrive with the export feature; use --run or --base-only for now"),
-        (not args.run and not args.base_only, "pass --run DIR (a finetune.py output dir) or --base-only --model NAME"),
+        (sum(map(bool, (args.run, args.merged, args.gguf))) > 1, "pass one of --run, --merged and --gguf"),
+        ((args.merged or args.gguf) and (args.compare or args.base_only or args.model),
+         "--merged and --gguf answer with that one model: drop --compare/--base-only/--model (compare with --run RUN --compare)"),
+        (not (args.run or args.base_only or args.merged or args.gguf),
+         "pass --run DIR (a finetune.py output dir), --merged DIR, --gguf FILE or --base-only --model NAME"),
         (args.base_only and args.compare, "--compare needs both models: drop --base-only"),
         (args.judge_url and not args.compare, "--judge-url scores base against tuned: add --compare"),
         (args.split and not args.run, "--split reads the run's split files: pass --run DIR"),
@@ -149,21 +154,32 @@ def check_prompt(prompt, number):
 # Models and generation
 
 
-def load_for_inference(args):
-    """The model (with the run's adapter unless --base-only), its tokenizer, and the run's config."""
-    config = {}
-    if args.run:
-        if not (args.run / "config.json").is_file():
-            raise UserError(f"{args.run} is not a finetune.py output dir (no config.json): pass --run with one")
-        config = json.loads((args.run / "config.json").read_text())
+def run_config(run, need_adapter=True):
+    """The config.json of a finished finetune.py run; a one-line error for any other dir."""
+    if not (run / "config.json").is_file():
+        raise UserError(f"{run} is not a finetune.py output dir (no config.json): pass a finished run")
+    if need_adapter and not (run / "adapter" / "adapter_config.json").is_file():
+        raise UserError(f"no adapter in {run / 'adapter'}: finish the run with finetune.py (infer.py --base-only needs none)")
+    return json.loads((run / "config.json").read_text())
+
+
+def load_for_inference(args, base_in_4bit=None):
+    """The model to answer with, its tokenizer, and the run's config ({} without --run).
+
+    args.run: the run's base model with its adapter (without it for args.base_only); args.merged / args.gguf: an
+    exported model (finetune.py --export), on its own. base_in_4bit: load the run's base in 4-bit NF4 (default: on a
+    GPU only); the export passes False to merge the adapter into 16/32-bit weights.
+    """
+    if args.merged or args.gguf:
+        return (*load_export(args.merged, args.gguf), {})
+    config = run_config(args.run, need_adapter=not args.base_only) if args.run else {}
     base = args.model or config.get("base_model") or config.get("model") or "auto"
     adapter = args.run / "adapter" if args.run and not args.base_only else None
-    if adapter and not (adapter / "adapter_config.json").is_file():
-        raise UserError(f"no adapter in {adapter}: finish the run with finetune.py, or pass --base-only")
     # 4-bit NF4 weights are dequantized for every matmul of every generated token: fine with CUDA kernels, about
     # 10x slower than fp32 on a CPU. The LoRA trained against NF4 weights then runs on the exact base weights,
     # as it does after merging.
-    model, tokenizer, _ = load_model(base, max_seq_length=int(config.get("max_seq_length", 2048)), load_in_4bit=has_cuda())
+    in_4bit = has_cuda() if base_in_4bit is None else base_in_4bit
+    model, tokenizer, _ = load_model(base, max_seq_length=int(config.get("max_seq_length", 2048)), load_in_4bit=in_4bit)
     if adapter:
         from peft import PeftModel
         from safetensors import SafetensorError
@@ -177,6 +193,22 @@ def load_for_inference(args):
 
     FastLanguageModel.for_inference(model)
     return model, tokenizer, config
+
+
+def load_export(merged, gguf):
+    """A merged checkpoint or a GGUF file from finetune.py --export, in 16 bits or more (they were made to be served so).
+
+    A GGUF is dequantized once into a cached checkpoint (common.convert_gguf_cached, which also fixes its EOS).
+    """
+    if merged and not (merged / "config.json").is_file():
+        raise UserError(f"{merged} is not a merged model dir (no config.json): pass --merged RUN/export/merged")
+    if gguf and not (gguf.is_file() and gguf.suffix == ".gguf"):
+        raise UserError(f"{gguf} is not a .gguf file: pass --gguf RUN/export/model-q8_0.gguf")
+    model, tokenizer, _ = load_model(str(merged or gguf), max_seq_length=2048, load_in_4bit=False)
+    from unsloth import FastLanguageModel
+
+    FastLanguageModel.for_inference(model)
+    return model, tokenizer
 
 
 def generate(model, tokenizer, prompts, system_prompt, max_new_tokens, batch_size):
@@ -198,7 +230,7 @@ def generate(model, tokenizer, prompts, system_prompt, max_new_tokens, batch_siz
             stopped = tokenizer.eos_token_id in row
             new_tokens = row[: row.index(tokenizer.eos_token_id) + 1] if stopped else row
             response = tokenizer.decode(new_tokens, skip_special_tokens=True).strip()
-            records.append({"prompt": prompt, "response": response, "new_tokens": len(new_tokens),
+            records.append({"prompt": prompt, "response": response, "new_tokens": len(new_tokens), "token_ids": new_tokens,
                             "seconds": round(seconds, 3), "stopped_at_eos": stopped})
     tokenizer.padding_side = "right"
     return records

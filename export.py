@@ -1,0 +1,241 @@
+"""Export a finished finetune.py run for local serving: merged 16-bit weights, GGUF files and an Ollama Modelfile.
+
+    python finetune.py --from-run runs/smollm2 --export merged,gguf     # or --export merged,gguf when training
+
+Writes RUN/export/ (built in RUN/export.partial/, renamed when complete):
+    merged/                          safetensors + tokenizer + generation_config.json (eos = the template's end token)
+    model-f16.gguf, model-q8_0.gguf  llama.cpp's converter (setup.sh puts it in .venv/llama.cpp); model-q4_k_m.gguf too
+                                     when llama.cpp's llama-quantize is on PATH
+    Modelfile                        for `ollama create`: the GGUF, the chat template in Go form, system prompt, stops
+    check.json                       the merged model's greedy answers to the held-out prompts against the adapter's,
+                                     each GGUF's against the merged model's, first differing tokens, sizes on disk
+"""
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import infer
+from common import REPO, TEMPLATE_DATE, UserError, chat_messages, read_system_prompt, render_chat, write_json
+
+FORMATS = ("merged", "gguf")
+LLAMA_CPP_DIR = REPO / ".venv" / "llama.cpp"  # setup.sh extracts llama.cpp's converter here
+GGUF_TYPES = ("f16", "q8_0")  # what the Python converter writes itself
+MIN_AGREEMENT = 0.9  # merged vs adapter: the same weights, summed in another order, should rarely change a greedy token
+# Ollama wants the chat template in Go's text/template form. One entry per chat format this project trains with,
+# keyed by its end-of-turn token: the BOS the template writes, how a turn starts, what the system turn begins with
+# (Llama 3's pinned date, see common.TEMPLATE_DATE) and how a turn ends. write_modelfile checks the entry against
+# the model's own template before using it.
+OLLAMA_FORMATS = {
+    "<|im_end|>": {"bos": "", "start": "<|im_start|>{role}\n", "system_prefix": "", "end": "<|im_end|>\n",
+                   "stops": ["<|im_end|>", "<|im_start|>"]},  # ChatML: SmolLM2, Qwen
+    "<|eot_id|>": {"bos": "<|begin_of_text|>", "start": "<|start_header_id|>{role}<|end_header_id|>\n\n",
+                   "system_prefix": f"Cutting Knowledge Date: December 2023\nToday Date: {TEMPLATE_DATE}\n\n",
+                   "end": "<|eot_id|>", "stops": ["<|eot_id|>", "<|start_header_id|>"]},  # Llama 3.x
+}
+
+
+def parse_formats(text):
+    """--export merged,gguf -> ["merged", "gguf"]; None for an unknown name (the caller reports it)."""
+    names = [name.strip() for name in text.split(",") if name.strip()]
+    return names if names and set(names) <= set(FORMATS) else None
+
+
+def converter():
+    script = LLAMA_CPP_DIR / "convert_hf_to_gguf.py"
+    if not script.is_file():
+        raise UserError(f"the GGUF converter is missing ({script}): run ./setup.sh, which fetches it from the llama-cpp-python source package")
+    return script
+
+
+def export_run(run, formats, system_prompt_file, check_limit=None, max_new_tokens=256, batch_size=8):
+    """Export a finished run (RUN/config.json + RUN/adapter/) and check every file against the model it came from."""
+    infer.run_config(run)  # a finished run, or a one-line error before anything loads
+    if "gguf" in formats:
+        converter()
+    system_prompt = read_system_prompt(system_prompt_file)
+    prompts = [item["prompt"] for item in infer.read_jsonl(infer.HELDOUT_FILE)][:check_limit]
+    target, partial = run / "export", run / "export.partial"
+    shutil.rmtree(partial, ignore_errors=True)
+    partial.mkdir()
+
+    def answer(model, tokenizer):
+        return infer.generate(model, tokenizer, prompts, system_prompt, max_new_tokens, batch_size)
+
+    # The adapter's answers come from the base in 16 or 32 bits, never 4-bit NF4: merging needs those weights, and the
+    # merged model is then the same function up to rounding, so its answers should match.
+    model, tokenizer, _ = infer.load_for_inference(model_args(run=run), base_in_4bit=False)
+    adapter_answers = answer(model, tokenizer)
+    dtype = save_merged(model.merge_and_unload(), tokenizer, partial / "merged")
+    del model
+    merged_answers = answer(*infer.load_for_inference(model_args(merged=partial / "merged"))[:2])
+    check = {"prompts": len(prompts), "prompt_file": str(infer.HELDOUT_FILE), "max_new_tokens": max_new_tokens,
+             "greedy": True, "min_agreement": MIN_AGREEMENT,
+             "merged": dict(dtype=dtype, bytes=folder_bytes(partial / "merged"), against="adapter",
+                            **agreement(adapter_answers, merged_answers, tokenizer))}
+    if "gguf" in formats:
+        check["gguf"] = {}
+        # The weights are compared on the merged tokenizer's ids: transformers' GGUF reader rebuilds Llama 3's tokenizer
+        # with another pre-tokenizer ("\n\n" becomes two tokens; llama.cpp itself uses the GGUF's llama-bpe rules), so
+        # whether that reader gives the same prompt ids is reported on its own.
+        for path in write_ggufs(partial / "merged", partial):
+            model, gguf_tokenizer, _ = infer.load_for_inference(model_args(gguf=path))
+            check["gguf"][path.name] = dict(bytes=path.stat().st_size, against="merged", **gguf_metadata(path),
+                                            same_prompt_token_ids=same_prompt_ids(tokenizer, gguf_tokenizer, prompts, system_prompt),
+                                            **agreement(merged_answers, answer(model, tokenizer), tokenizer))
+            del model
+        if not shutil.which("llama-quantize"):
+            check["q4_k_m"] = "skipped: llama.cpp's llama-quantize is not on PATH (build llama.cpp to make one)"
+        check["modelfile"] = write_modelfile(partial, tokenizer, system_prompt)
+    write_json(partial / "check.json", check)
+    shutil.rmtree(target, ignore_errors=True)
+    partial.rename(target)
+    print_summary(target, check)
+    return check
+
+
+def model_args(run=None, merged=None, gguf=None):
+    """What infer.load_for_inference reads from infer.py's flags."""
+    return argparse.Namespace(run=run, base_only=False, model=None, merged=merged, gguf=gguf)
+
+
+def save_merged(model, tokenizer, folder):
+    """Save merged weights in 16 bits with the template's end token as EOS; returns the dtype's name.
+
+    On a GPU the merge ran in the loaded 16-bit dtype (bf16, or fp16 on a T4). On a CPU it ran in fp32 and is saved as
+    fp16: 3 more mantissa bits than bf16, so the file stays closest to the fp32 adapter model the check compares with
+    (Llama and SmolLM2 weights are far inside fp16's range), and the f16 GGUF is then a lossless copy.
+    """
+    import torch
+
+    dtype = torch.float16 if model.dtype == torch.float32 else model.dtype
+    for config in (model.config, model.generation_config):
+        config.eos_token_id, config.pad_token_id = tokenizer.eos_token_id, tokenizer.pad_token_id
+    model.to(dtype).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    untangle_byte_level_tokenizer(folder / "tokenizer.json")
+    return str(dtype).removeprefix("torch.")
+
+
+def untangle_byte_level_tokenizer(path):
+    """Clear byte_fallback on a byte-level BPE tokenizer.json; it never fires there (every byte has a token).
+
+    transformers sets it when it rebuilds SmolLM2's tokenizer from a GGUF file, and llama.cpp's converter then takes the
+    vocabulary for a SentencePiece one (tokenizer.ggml.model "llama"): that GGUF read back with other token ids.
+    """
+    if not path.is_file():
+        return
+    data = json.loads(path.read_text(encoding="utf-8"))
+    if data["model"].get("byte_fallback") and "ByteLevel" in json.dumps(data.get("pre_tokenizer")):
+        data["model"]["byte_fallback"] = False
+        path.write_text(json.dumps(data, ensure_ascii=False), encoding="utf-8")
+
+
+def write_ggufs(merged, folder):
+    """f16 and q8_0 GGUF files from the merged checkpoint, plus q4_k_m when llama-quantize is available."""
+    script, paths = converter(), []
+    env = {"PYTHONPATH": f"{script.parent / 'gguf-py'}:{script.parent}"}
+    for outtype in GGUF_TYPES:
+        path = folder / f"model-{outtype}.gguf"
+        run_tool([sys.executable, str(script), str(merged), "--outfile", str(path), "--outtype", outtype], path, env)
+        paths.append(path)
+    quantize = shutil.which("llama-quantize")
+    if quantize:
+        run_tool([quantize, str(folder / "model-f16.gguf"), str(folder / "model-q4_k_m.gguf"), "Q4_K_M"], folder / "model-q4_k_m.gguf")
+        paths.append(folder / "model-q4_k_m.gguf")
+    return paths
+
+
+def run_tool(command, output, env=None):
+    print(f"writing {output.name}", flush=True)
+    result = subprocess.run(command, capture_output=True, text=True, env=dict(os.environ, **(env or {})))
+    if result.returncode != 0:
+        last = (result.stderr.strip().splitlines() or ["no output"])[-1]
+        raise UserError(f"writing {output.name} failed ({last[:200]}): see {LLAMA_CPP_DIR} or re-run ./setup.sh")
+
+
+def gguf_metadata(path):
+    """The GGUF's own tokenizer type and special ids, as llama.cpp will read them."""
+    from gguf import GGUFReader
+
+    fields = GGUFReader(path).fields
+    keys = {"tokenizer_model": "tokenizer.ggml.model", "tokenizer_pre": "tokenizer.ggml.pre",
+            "eos_token_id": "tokenizer.ggml.eos_token_id", "add_bos_token": "tokenizer.ggml.add_bos_token"}
+    return {name: fields[key].contents() if key in fields else None for name, key in keys.items()}
+
+
+def same_prompt_ids(tokenizer, other, prompts, system_prompt):
+    """Does the tokenizer read back from a GGUF turn every rendered prompt into the same ids?"""
+    def ids(tok):
+        return [tok(render_chat(tok, chat_messages(system_prompt, p), add_generation_prompt=True), add_special_tokens=False)["input_ids"]
+                for p in prompts]
+
+    return ids(tokenizer) == ids(other) and tokenizer.eos_token_id == other.eos_token_id
+
+
+def agreement(reference, answers, tokenizer):
+    """Share of prompts with token-for-token the same greedy answer; where they differ, the first differing token."""
+    differences = []
+    for ref, ans in zip(reference, answers):
+        a, b = ref["token_ids"], ans["token_ids"]
+        if a != b:
+            position = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+            differences.append({"prompt": ref["prompt"], "position": position,
+                                "reference_token": token_at(tokenizer, a, position), "token": token_at(tokenizer, b, position)})
+    same = len(reference) - len(differences)
+    return {"same": same, "agreement": round(same / len(reference), 4), "differences": differences}
+
+
+def token_at(tokenizer, ids, position):
+    return tokenizer.decode(ids[position:position + 1]) if position < len(ids) else "(answer ended)"
+
+
+def ollama_template(tokenizer, system_prompt):
+    """The Go template for the tokenizer's chat format; None when it is not one of OLLAMA_FORMATS or renders differently."""
+    fmt = OLLAMA_FORMATS.get(tokenizer.eos_token)
+    if fmt is None:
+        return None
+    start, end = fmt["start"].format, fmt["end"]
+    ours = (fmt["bos"] + start(role="system") + fmt["system_prefix"] + system_prompt + end
+            + start(role="user") + "Where is my order?" + end + start(role="assistant"))
+    if ours != render_chat(tokenizer, chat_messages(system_prompt, "Where is my order?"), add_generation_prompt=True):
+        return None
+    # llama.cpp adds the BOS itself (the GGUF's add_bos_token); .System is the Modelfile's SYSTEM unless a request sends one.
+    return ("{{ if .System }}" + start(role="system") + fmt["system_prefix"] + "{{ .System }}" + end + "{{ end }}"
+            + '{{ range .Messages }}{{ if eq .Role "user" }}' + start(role="user") + "{{ .Content }}" + end + start(role="assistant")
+            + '{{ else if eq .Role "assistant" }}{{ .Content }}' + end + "{{ end }}{{ end }}")
+
+
+def write_modelfile(folder, tokenizer, system_prompt):
+    """An Ollama Modelfile for the q8_0 GGUF; returns a line saying what was written, or why not."""
+    template = ollama_template(tokenizer, system_prompt)
+    if template is None:
+        return f"skipped: no Ollama template for this chat format (end token {tokenizer.eos_token}); the GGUF files work with llama.cpp"
+    if '"""' in system_prompt:
+        return 'skipped: the system prompt contains """, which a Modelfile cannot quote'
+    stops = "".join(f'PARAMETER stop "{stop}"\n' for stop in OLLAMA_FORMATS[tokenizer.eos_token]["stops"])
+    (folder / "Modelfile").write_text(f'FROM ./model-q8_0.gguf\nTEMPLATE """{template}"""\nSYSTEM """{system_prompt}"""\n'
+                                      f"{stops}PARAMETER temperature 0\n", encoding="utf-8")
+    return "written: FROM ./model-q8_0.gguf"
+
+
+def folder_bytes(folder):
+    return sum(p.stat().st_size for p in Path(folder).iterdir() if p.is_file())
+
+
+def print_summary(folder, check):
+    merged = check["merged"]
+    flag = "" if merged["agreement"] >= MIN_AGREEMENT else f"  WARNING: below {MIN_AGREEMENT:.0%}"
+    print(f"export: {folder} (check.json: {check['prompts']} held-out prompts, greedy, up to {check['max_new_tokens']} new tokens)")
+    print(f"  merged/ ({merged['dtype']}, {merged['bytes'] / 1e6:.0f} MB): same answer as the adapter for "
+          f"{merged['same']}/{check['prompts']} prompts ({merged['agreement']:.1%}){flag}")
+    for name, gguf in check.get("gguf", {}).items():
+        print(f"  {name} ({gguf['bytes'] / 1e6:.0f} MB, tokenizer {gguf['tokenizer_model']}/{gguf['tokenizer_pre']}, "
+              f"same prompt ids: {'yes' if gguf['same_prompt_token_ids'] else 'NO'}): same answer as merged for "
+              f"{gguf['same']}/{check['prompts']} ({gguf['agreement']:.1%})")
+    for key in ("q4_k_m", "modelfile"):
+        if key in check:
+            print(f"  {key}: {check[key]}")
