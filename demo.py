@@ -3,8 +3,8 @@
     python demo.py --run runs/smollm2                          # http://127.0.0.1:7860
     python demo.py --run runs/smollm2 --port 8080 --auth demo:secret
     python demo.py --base-only --model smollm2                 # the base model alone (no Compare tab)
-    python demo.py --merged exports/merged                     # (with the export feature)
-    python demo.py --gguf exports/model.gguf                   # (with the export feature)
+    python demo.py --merged runs/smollm2/export/merged         # finetune.py --export merged
+    python demo.py --gguf runs/smollm2/export/model-q8_0.gguf  # finetune.py --export gguf
     python demo.py --run runs/smollm2 --host 0.0.0.0           # reachable from other machines: add --auth
 
 Answers stream token by token (greedy, stop at the chat template's end-of-turn token). The model writes
@@ -49,8 +49,8 @@ def parse_args(argv=None):
     models.add_argument("--run", type=Path, help="a finetune.py output dir: base model + its adapter (enables Compare)")
     models.add_argument("--base-only", action="store_true", help="the base model alone")
     models.add_argument("--model", help="base model for --base-only without --run (auto | smollm2 | hub id | dir | .gguf)")
-    models.add_argument("--merged", type=Path, help="merged weights from the export feature")
-    models.add_argument("--gguf", type=Path, help="GGUF file from the export feature")
+    models.add_argument("--merged", type=Path, help="merged weights (RUN/export/merged from finetune.py --export)")
+    models.add_argument("--gguf", type=Path, help="a GGUF file (RUN/export/model-q8_0.gguf from finetune.py --export)")
     app = p.add_argument_group("app")
     app.add_argument("--host", default=DEFAULT_HOST, help="address to bind (default: loopback only)")
     app.add_argument("--port", type=int, default=DEFAULT_PORT)
