@@ -103,6 +103,9 @@ def parse_args(argv=None):
     train.add_argument("--max-steps", type=int, default=-1, help="stop after N optimizer steps (-1: run the epochs)")
     train.add_argument("--logging-steps", type=int, default=5)
     train.add_argument("--save-steps", type=int, default=50, help="checkpoint every N optimizer steps")
+    train.add_argument("--gradient-checkpointing", action=argparse.BooleanOptionalAction,
+                       help="Unsloth's gradient checkpointing (default: on with a GPU, where memory is short; off on a "
+                            "CPU, where it cost 1.5x the step time: BENCHMARKS.md)")
     train.add_argument("--seed", type=int, default=42)
     out = p.add_argument_group("output")
     out.add_argument("--output-dir", type=Path, help="default: runs/<model name>")
@@ -519,8 +522,9 @@ def train(args, splits, work_dir, system_prompt):
         datasets[name], dropped[name] = encode_split(tokenizer, system_prompt, splits[name], args.max_seq_length)
         if dropped[name]:
             log.warning("%s: left out %d examples longer than %d tokens", name, dropped[name], args.max_seq_length)
-    model = add_lora(model, args)
     cuda = has_cuda()
+    checkpointing = cuda if args.gradient_checkpointing is None else args.gradient_checkpointing
+    model = add_lora(model, args, gradient_checkpointing="unsloth" if checkpointing else False)
 
     class LossToLog(TrainerCallback):
         def on_log(self, _args, state, _control, logs=None, **_):
@@ -572,7 +576,7 @@ def lora_settings(args):
             "target_modules": args.target_modules.split(","), "bias": "none"}
 
 
-def add_lora(model, args, gradient_checkpointing="unsloth"):
+def add_lora(model, args, gradient_checkpointing):
     from unsloth import FastLanguageModel
 
     return FastLanguageModel.get_peft_model(model, **lora_settings(args), use_gradient_checkpointing=gradient_checkpointing,
