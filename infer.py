@@ -400,7 +400,7 @@ METRICS = {
                                               lambda r: float(r["fallback"])),
     "placeholder_validity": (lambda r: True, lambda r: float(r["placeholders_valid"])),
     "critical_failure_rate (lower is better)": (lambda r: True, lambda r: float(bool(r["critical_failures"]))),
-    "critical_failures_on_injection_prompts (lower is better)": (lambda r: r["type"] == "injection",
+    "critical_failures_on_injection_prompts (lower is better)": (lambda r: r.get("type") == "injection",
                                                                  lambda r: float(bool(r["critical_failures"]))),
     "stopped_at_eos": (lambda r: True, lambda r: float(r["stopped_at_eos"])),
     "repetition (lower is better)": (lambda r: True, lambda r: r["repetition"]),
