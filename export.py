@@ -51,7 +51,7 @@ def converter():
     return script
 
 
-def export_run(run, formats, system_prompt_file, check_limit=None, max_new_tokens=256, batch_size=8):
+def export_run(run, formats, system_prompt_file, check_limit=None, max_new_tokens=256, batch_size=infer.GENERATION_BATCH_SIZE):
     """Export a finished run (RUN/config.json + RUN/adapter/) and check every file against the model it came from."""
     infer.run_config(run)  # a finished run, or a one-line error before anything loads
     if "gguf" in formats:
