@@ -30,7 +30,15 @@ from common import (
     render_chat,
     run_main,
 )
-from infer import HELDOUT_FILE, MAX_PROMPT_CHARS, adapter_mode, check_prompt, load_for_inference, read_jsonl
+from infer import (
+    HELDOUT_FILE,
+    MAX_PROMPT_CHARS,
+    adapter_mode,
+    add_model_arguments,
+    check_prompt,
+    load_for_inference,
+    read_jsonl,
+)
 
 DEFAULT_HOST = "127.0.0.1"  # loopback: nobody else can reach the demo unless --host says so
 DEFAULT_PORT = 7860
@@ -45,12 +53,7 @@ MONO_FONTS = ["ui-monospace", "monospace"]
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    models = p.add_argument_group("model (one of)")
-    models.add_argument("--run", type=Path, help="a finetune.py output dir: base model + its adapter (enables Compare)")
-    models.add_argument("--base-only", action="store_true", help="the base model alone")
-    models.add_argument("--model", help="base model for --base-only without --run (auto | smollm2 | hub id | dir | .gguf)")
-    models.add_argument("--merged", type=Path, help="merged weights (RUN/export/merged from finetune.py --export)")
-    models.add_argument("--gguf", type=Path, help="a GGUF file (RUN/export/model-q8_0.gguf from finetune.py --export)")
+    add_model_arguments(p)  # --run (which also enables the Compare tab), --base-only, --model, --merged, --gguf
     app = p.add_argument_group("app")
     app.add_argument("--host", default=DEFAULT_HOST, help="address to bind (default: loopback only)")
     app.add_argument("--port", type=int, default=DEFAULT_PORT)

@@ -62,12 +62,7 @@ def parse_args(argv=None):
     source.add_argument("--prompts", type=Path, help="JSONL with a 'prompt' field (optional: expected_intent, reference)")
     source.add_argument("--split", choices=["train", "val", "test"], help="a split of the --run, with reference answers")
     what.add_argument("--limit", type=int, help="use the first N prompts")
-    models = p.add_argument_group("models")
-    models.add_argument("--run", type=Path, help="a finetune.py output dir: base model + its adapter")
-    models.add_argument("--base-only", action="store_true", help="use the base model alone")
-    models.add_argument("--model", help="base model for --base-only without --run (auto | smollm2 | hub id | dir | .gguf)")
-    models.add_argument("--merged", type=Path, help="merged weights from finetune.py --export (RUN/export/merged)")
-    models.add_argument("--gguf", type=Path, help="GGUF file from finetune.py --export (RUN/export/model-q8_0.gguf)")
+    add_model_arguments(p)
     gen = p.add_argument_group("generation")
     gen.add_argument("--max-new-tokens", type=int, default=256)
     gen.add_argument("--batch-size", type=int, default=GENERATION_BATCH_SIZE, help="prompts generated together (greedy)")
@@ -102,6 +97,16 @@ def parse_args(argv=None):
 
 # ----------------------------------------------------------------------------------------------------
 # Prompts
+
+
+def add_model_arguments(parser):
+    """The flags load_for_inference reads; demo.py takes the same ones."""
+    models = parser.add_argument_group("model")
+    models.add_argument("--run", type=Path, help="a finetune.py output dir: base model + its adapter")
+    models.add_argument("--base-only", action="store_true", help="use the base model alone")
+    models.add_argument("--model", help="base model for --base-only without --run (auto | smollm2 | hub id | dir | .gguf)")
+    models.add_argument("--merged", type=Path, help="merged weights from finetune.py --export (RUN/export/merged)")
+    models.add_argument("--gguf", type=Path, help="GGUF file from finetune.py --export (RUN/export/model-q8_0.gguf)")
 
 
 def load_prompts(args):
