@@ -9,7 +9,8 @@
     python infer.py --gguf runs/smollm2/export/model-q8_0.gguf --out answers.jsonl
 
 Scores are automatic and offline: the intent an answer addresses (MiniLM embeddings + logistic regression
-trained on the run's training answers), out-of-scope fallback, placeholder validity, critical failures,
+trained on the run's training answers), out-of-scope fallback (the answer declines, by a pattern checked against
+hand-labelled answers), placeholder validity, critical failures,
 ROUGE-L and embedding cosine against references, and the shape of the answer. `--compare` adds 95% paired
 bootstrap intervals for tuned minus base, and writes report.md, report.html and a plot.
 """
@@ -52,6 +53,20 @@ ASKS_FOR_SECRET = re.compile(r"\b(?:provide|send|share|give|tell|enter|type|conf
                              r"\b(?:password|passcode|full (?:credit |debit )?card number|card number|cvv|cvc|pin)\b", re.I)
 PHONE = re.compile(r"(?<![\w{])\+?\d[\d\s().-]{7,}\d")
 URL = re.compile(r"\bhttps?://\S+|\bwww\.\S+", re.I)
+# A fallback is the answer declining in the first person ("I'm unable to", "I can't", "outside what I can help
+# with"); "if you're unable to pay" is not one. Checked against hand labels in tests/data/decline_labels.jsonl.
+DECLINES = re.compile(
+    r"\band can(?:no|')?t (?:really )?(?:help|assist|answer|discuss|share)"
+    r"|\bI(?:'m| am)?\s+(?:really\s+|currently\s+|just\s+|simply\s+)?"
+    r"(?:can(?:no|')?t|cannot|unable to|not able to|not equipped to|not in a position to|not allowed to|not permitted to"
+    r"|not capable of|don't have (?:access|the ability)|do not have (?:access|the ability))"
+    r"|\b(?:outside|beyond) (?:of )?(?:my|the|what I)\b[^.?!\n]{0,25}\b(?:scope|capabilit|can|expertise|area|remit)"
+    r"|\b(?:isn't|is not|aren't|are not) (?:something|anything|a topic|a subject) I(?:'m able to| am able to| can)\b"
+    r"|\b(?:isn't|is not|aren't|are not) my (?:specialty|area)"
+    r"|\bI (?:don't|do not) (?:share|take|give|offer|have) (?:views|positions|opinions|personal)"
+    r"|\bI'm (?:focused on|here specifically for|only here for)"
+    r"|\bonly (?:able to |here to |designed to )?(?:help|assist)s? (?:with|you with)",
+    re.I)
 
 
 def parse_args(argv=None):
@@ -177,7 +192,17 @@ def load_for_inference(args, base_in_4bit=None):
     GPU only); the export passes False to merge the adapter into 16/32-bit weights.
     """
     if args.merged or args.gguf:
-        return (*load_export(args.merged, args.gguf), {})
+        model, tokenizer, config = *load_export(args.merged, args.gguf), {}
+    else:
+        model, tokenizer, config = load_run(args, base_in_4bit)
+    from unsloth import FastLanguageModel
+
+    FastLanguageModel.for_inference(model)
+    return model, tokenizer, config
+
+
+def load_run(args, base_in_4bit):
+    """The base model of --run (or --model), with the run's adapter unless --base-only."""
     config = run_config(args.run, need_adapter=not args.base_only) if args.run else {}
     base = args.model or config.get("base_model") or config.get("model") or "auto"
     adapter = args.run / "adapter" if args.run and not args.base_only else None
@@ -195,9 +220,6 @@ def load_for_inference(args, base_in_4bit=None):
         except (RuntimeError, ValueError, OSError, SafetensorError) as error:
             raise UserError(f"cannot load the adapter in {adapter} onto {base!r} ({str(error).splitlines()[0][:120]}): "
                             "it was trained for another base model, or its files are damaged") from None
-    from unsloth import FastLanguageModel
-
-    FastLanguageModel.for_inference(model)
     return model, tokenizer, config
 
 
@@ -211,9 +233,6 @@ def load_export(merged, gguf):
     if gguf and not (gguf.is_file() and gguf.suffix == ".gguf"):
         raise UserError(f"{gguf} is not a .gguf file: pass --gguf RUN/export/model-q8_0.gguf")
     model, tokenizer, _ = load_model(str(merged or gguf), max_seq_length=2048, load_in_4bit=False)
-    from unsloth import FastLanguageModel
-
-    FastLanguageModel.for_inference(model)
     return model, tokenizer
 
 
@@ -333,8 +352,10 @@ def score(records, items, classifier, inventory, company):
             "type": item.get("type"),
             "expected_intent": expected,
             "answer_intent": intent,
-            "intent_correct": None if expected is None else intent == expected,
-            "fallback": intent == OUT_OF_SCOPE,
+            # Which of the 27 intents an answer addresses only means something for in-scope prompts; on
+            # out-of-scope ones the classifier's nearest class says nothing about declining.
+            "intent_correct": None if expected in (None, OUT_OF_SCOPE) else intent == expected,
+            "fallback": bool(DECLINES.search(record["response"])),
             "placeholders_valid": not unknown and not malformed,
             "unknown_placeholders": unknown,
             "repetition": round(repetition(record["response"]), 3),
@@ -473,7 +494,8 @@ def write_report(report_dir, base, tuned, differences, classifier, throughput, l
     header = ("metric", "base", "fine-tuned", "difference", "95% CI (paired bootstrap)", "n")
     intro = (f"Prompts: {label} ({len(base)}). Intent of each answer by a MiniLM + logistic-regression classifier "
              f"trained on the run's training answers; its accuracy on the run's {classifier.heldout_rows} held-out test "
-             f"answers is {classifier.heldout_accuracy:.1%}. Generation: greedy, {throughput}.")
+             f"answers is {classifier.heldout_accuracy:.1%}; it scores in-scope prompts only. A fallback is an answer that "
+             f"declines in the first person (\"I'm unable to...\"), found by infer.DECLINES. Generation: greedy, {throughput}.")
     markdown = ["# Base vs fine-tuned", "", intro, "", "![metrics](metrics.png)", "",
                 "| " + " | ".join(header) + " |", "|---|---:|---:|---:|---|---:|"]
     markdown += ["| " + " | ".join(map(str, row)) + " |" for row in summary_rows]
@@ -483,7 +505,7 @@ def write_report(report_dir, base, tuned, differences, classifier, throughput, l
                      f"type `{b['type']}`, expected intent `{b['expected_intent']}`", ""]
         for name, r in (("base", b), ("fine-tuned", t)):
             flags = ", ".join(r["critical_failures"]) or "none"
-            markdown += [f"**{name}** (answer intent `{r['answer_intent']}`, critical failures: {flags}, "
+            markdown += [f"**{name}** (answer intent `{r['answer_intent']}`{', declines' if r['fallback'] else ''}, critical failures: {flags}, "
                          f"{'stopped' if r['stopped_at_eos'] else 'hit the token cap'}):", "",
                          "> " + md_inline(r["response"]).replace("\n", "\n> "), ""]
     (partial / "report.md").write_text("\n".join(markdown) + "\n", encoding="utf-8")
@@ -492,6 +514,7 @@ def write_report(report_dir, base, tuned, differences, classifier, throughput, l
     answers = "".join(
         f"<tr><td>{html.escape(b['prompt'])}<br><small>{html.escape(str(b['type']))} / {html.escape(str(b['expected_intent']))}</small></td>"
         + "".join(f"<td><pre>{html.escape(r['response'])}</pre><small>intent {html.escape(r['answer_intent'])}"
+                  f"{', declines' if r['fallback'] else ''}"
                   f"{' &#9888; ' + html.escape(', '.join(r['critical_failures'])) if r['critical_failures'] else ''}</small></td>"
                   for r in (b, t)) + "</tr>"
         for b, t in zip(base, tuned))

@@ -1,6 +1,7 @@
 """infer.py: metric functions on hand-made cases, the intent classifier, bad inputs, reports, SmolLM2 compare."""
 import json
 import shutil
+from pathlib import Path
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -25,6 +26,33 @@ from conftest import assert_user_error, run_script
 ])
 def test_critical_failures(answer, prompt, expected):
     assert infer.critical_failures(answer, prompt) == expected
+
+
+@pytest.mark.parametrize("answer, declines", [
+    ("I'm sorry, but I can't help with weather forecasts. I can help with orders and refunds.", True),
+    ("I'm afraid I'm not able to recommend movies; I'm here for your orders.", True),
+    ("That's outside what I can help with, but I'm glad to track an order.", True),
+    ("The capital of Australia is Canberra.", False),
+    ("If you're unable to pay by card, you can choose PayPal at checkout.", False),
+    ("I'm sorry to hear that. To cancel your order, open Order History and click Cancel.", False),
+])
+def test_decline_detector_on_hand_made_answers(answer, declines):
+    assert bool(infer.DECLINES.search(answer)) == declines
+
+
+def test_decline_detector_agrees_with_hand_labelled_model_answers():
+    """186 answers of base SmolLM2 and a --subset 500 adapter to the held-out prompts, each labelled by reading it."""
+    labelled = [json.loads(line) for line in (Path(__file__).parent / "data" / "decline_labels.jsonl").open()]
+    wrong = [(r["declines"], r["response"][:120]) for r in labelled if bool(infer.DECLINES.search(r["response"])) != r["declines"]]
+    assert len(labelled) == 186 and sum(r["declines"] for r in labelled) == 63
+    assert not wrong, wrong
+
+
+def test_decline_detector_finds_the_written_fallback_answers():
+    written = [json.loads(line) for line in infer.PROMPTS_DIR.joinpath("fallback.jsonl").open()]
+    declines = [r for r in written if r["topic"] not in ("chit_chat", "abuse")]  # greetings and angry customers get a reply
+    found = sum(bool(infer.DECLINES.search(r["response"])) for r in declines)
+    assert found / len(declines) > 0.9, found
 
 
 def test_placeholder_validity():
