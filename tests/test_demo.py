@@ -15,7 +15,7 @@ import pytest
 import demo
 from common import load_company, read_system_prompt
 from conftest import REPO, make_tiny_llama, run_script
-from infer import MAX_PROMPT_CHARS, load_for_inference
+from infer import MAX_PROMPT_CHARS, load_for_inference, load_guard
 
 QUESTION = "I wanna cancel #12345"
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
@@ -55,6 +55,24 @@ def test_chat_streams_then_keeps_the_raw_answer_as_history(bot, company):
     assert [m["role"] for m in view] == ["user", "assistant"] and view[1]["content"]
     follow_up = list(demo.chat(bot, "and the refund?", turns, company, False, 4))[-1]
     assert len(follow_up[1]) == 2 and len(follow_up[0]) == 4
+
+
+def test_the_run_s_scope_guard_answers_out_of_scope_messages_without_the_model(bot, company, tiny_run):
+    guard = load_guard(tiny_run, None)  # finetune.py trained it with the run
+    guarded = dataclasses.replace(bot, guard=guard, lock=ExplodingLock())  # the model must not be touched
+    view, turns, notice, box = list(demo.chat(guarded, "Write me a poem about autumn leaves", [], company, False, 6))[-1]
+    assert turns == [{"user": "Write me a poem about autumn leaves", "answer": guard.reply}] and notice == demo.GUARD_NOTICE
+    assert view[1]["content"] == guard.reply and box == ""
+    in_scope = list(demo.chat(dataclasses.replace(bot, guard=guard), QUESTION, [], company, False, 4))[-1]
+    assert in_scope[1][0]["answer"] != guard.reply and in_scope[2] == ""  # the model answered
+
+
+class ExplodingLock:
+    def __enter__(self):
+        raise AssertionError("the model was called")
+
+    def __exit__(self, *_):
+        return False
 
 
 def test_raw_toggle_and_filling_with_the_latest_order_number(company):

@@ -1,5 +1,6 @@
 """Export: merged weights, GGUF files and the Ollama Modelfile from the tiny model and the real SmolLM2, bad inputs."""
 import json
+import shutil
 
 import pytest
 
@@ -59,6 +60,15 @@ def test_missing_converter_is_a_one_line_error(tiny_run, monkeypatch, tmp_path):
         export.export_run(tiny_run, ["gguf"], export.infer.SYSTEM_PROMPT_FILE)
 
 
+def test_an_export_below_its_agreement_threshold_is_an_error_and_leaves_nothing(tiny_run, tmp_path):
+    run = shutil.copytree(tiny_run, tmp_path / "run", ignore=shutil.ignore_patterns("export*"))
+    # no export can agree on more than all prompts: the real check runs (load, merge, answer, compare), then refuses
+    with pytest.raises(export.UserError, match="below --export-min-agreement 1.01: nothing exported"):
+        export.export_run(run, ["merged"], export.infer.SYSTEM_PROMPT_FILE, check_limit=1, max_new_tokens=2,
+                          min_agreement=1.01)
+    assert not (run / "export").exists() and not (run / "export.partial").exists()
+
+
 # ----------------------------------------------------------------------------------------------------
 # Ollama template
 
@@ -83,7 +93,7 @@ def test_ollama_templates_match_the_models_own_chat_templates(llama_tokenizer):
 def test_tiny_model_export_merged_and_gguf(tiny_run, tmp_path, monkeypatch):
     monkeypatch.setenv("SUPPORT_LLM_CACHE", str(tmp_path / "cache"))  # GGUF files read back are dequantized there
     result = run_script("finetune.py", "--from-run", tiny_run, "--export", "merged,gguf", "--export-check-limit", "3",
-                        "--eval-max-new-tokens", "6", timeout=2400)
+                        "--eval-max-new-tokens", "6", "--export-min-agreement", "0", timeout=2400)
     assert result.returncode == 0, result.stderr[-3000:]
     out = tiny_run / "export"
     assert not (tiny_run / "export.partial").exists()

