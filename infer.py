@@ -251,8 +251,11 @@ def generate(model, tokenizer, prompts, system_prompt, max_new_tokens, batch_siz
     """Greedy answers, batch_size prompts at a time; each stops at the template's end-of-turn token."""
     import torch
 
+    from tqdm.auto import tqdm
+
     tokenizer.padding_side = "left"  # generation continues from the right end of every row
     records = []
+    progress = tqdm(total=len(prompts), unit="prompt", desc="answering", leave=False)
     for start in range(0, len(prompts), batch_size):
         batch = prompts[start:start + batch_size]
         texts = [render_chat(tokenizer, chat_messages(system_prompt, p), add_generation_prompt=True) for p in batch]
@@ -268,6 +271,9 @@ def generate(model, tokenizer, prompts, system_prompt, max_new_tokens, batch_siz
             response = tokenizer.decode(new_tokens, skip_special_tokens=True).strip()
             records.append({"prompt": prompt, "response": response, "new_tokens": len(new_tokens), "token_ids": new_tokens,
                             "seconds": round(seconds, 3), "stopped_at_eos": stopped})
+        progress.update(len(batch))
+        progress.set_postfix_str(throughput_of(records))
+    progress.close()
     tokenizer.padding_side = "right"
     return records
 
@@ -443,7 +449,7 @@ def paired_bootstrap(base, tuned, seed=0):
     rng = np.random.default_rng(seed)
     differences = {}
     for name, (counts, value) in METRICS.items():
-        pairs = np.array([(value(b), value(t)) for b, t in zip(base, tuned) if counts(b)])
+        pairs = np.array([(value(b), value(t)) for b, t in zip(base, tuned) if counts(b) and counts(t)])
         if len(pairs) == 0:
             continue
         delta = pairs[:, 1] - pairs[:, 0]
