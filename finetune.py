@@ -92,6 +92,9 @@ def parse_args(argv=None):
                       help="keep {{Order Number}} slots, replace them with generic phrases, or strip them")
     data.add_argument("--fallback-ratio", type=float, default=0.1, help="share of out-of-scope examples in train")
     data.add_argument("--fallback-file", type=Path, default=FALLBACK_FILE)
+    data.add_argument("--fallback-answers", default="written", choices=["written", "fixed"],
+                      help="train the out-of-scope examples with their written refusals, or all with the scope guard's "
+                           "fixed reply (prompts/fallback_reply.txt)")
     data.add_argument("--in-scope-examples", action=argparse.BooleanOptionalAction, default=True,
                       help="add the written in-scope messages of --in-scope-file to train (70%%; answers borrowed from "
                            "training rows of the same intent) and to the guard's val/test (15%% each)")
@@ -298,10 +301,13 @@ def strip_placeholders(text):
     return text.strip()
 
 
-def load_fallback(path):
-    """Out-of-scope examples written for this project: a customer message and a polite refusal."""
+def load_fallback(path, fixed_reply=None):
+    """Out-of-scope examples written for this project: a customer message and a polite refusal that names the topic,
+    or fixed_reply (the scope guard's reply) for every one of them."""
     frame = read_written_examples(path, "fallback", ("instruction", "response"), "--fallback-file, or --fallback-ratio 0")
     frame["intent"], frame["category"], frame["flags"] = FALLBACK_INTENT, FALLBACK_CATEGORY, ""
+    if fixed_reply is not None:
+        frame["response"] = fixed_reply
     return frame
 
 
@@ -803,7 +809,8 @@ def main():
         inspect_data(rows, source_label, args)
         return
     system_prompt = read_system_prompt(args.system_prompt_file)
-    fallback = load_fallback(args.fallback_file) if args.fallback_ratio > 0 else None
+    fixed_reply = scope.read_fallback_reply() if args.fallback_answers == "fixed" else None
+    fallback = load_fallback(args.fallback_file, fixed_reply) if args.fallback_ratio > 0 else None
     in_scope = load_in_scope(args.in_scope_file) if args.in_scope_examples else None
     if in_scope is not None and not in_scope["intent"].isin(rows["intent"]).any():
         log.info("the in-scope examples' intents are not in this dataset: left out")

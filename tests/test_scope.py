@@ -10,13 +10,13 @@ from common import UserError
 from infer import DECLINES
 
 
-def test_threshold_sits_between_separable_classes_and_favours_answering_on_ties():
-    threshold, score = scope.choose_threshold(np.array([0.1, 0.2, 0.3]), np.array([0.7, 0.9]))
-    assert threshold == pytest.approx(0.5) and score == 2.0
-    # overlapping (an in-scope 0.6 above an out-of-scope 0.5): the cuts 0.3 and 0.75 score the same, and the higher
-    # one, which declines fewer messages, wins
-    threshold, score = scope.choose_threshold(np.array([0.1, 0.6]), np.array([0.5, 0.9]))
-    assert threshold == pytest.approx(0.75) and score == 1.5
+def test_threshold_declines_the_most_out_of_scope_messages_within_the_in_scope_budget():
+    threshold, caught = scope.choose_threshold(np.array([0.1, 0.2, 0.3]), np.array([0.7, 0.9]))
+    assert threshold == pytest.approx(0.5) and caught == 1.0  # separable: midway between the classes
+    # overlapping (an in-scope 0.6 above an out-of-scope 0.5): with no in-scope message to spare, the cut goes above
+    # 0.6 and lets the 0.5 through; allowed to decline half the in-scope ones, it catches both
+    assert scope.choose_threshold(np.array([0.1, 0.6]), np.array([0.5, 0.9])) == (pytest.approx(0.75), 0.5)
+    assert scope.choose_threshold(np.array([0.1, 0.6]), np.array([0.5, 0.9]), max_in_scope_declined=0.5) == (pytest.approx(0.3), 1.0)
 
 
 def test_fallback_reply_is_a_decline():
@@ -35,6 +35,7 @@ def guard():
 def test_guard_separates_val_and_test_messages(guard):
     val, test = guard.evaluation["val"], guard.evaluation["test"]
     assert val["in_scope_n"] > 50 and val["out_of_scope_n"] == 30 and test["out_of_scope_n"] == 30
+    assert val["in_scope_declined"] <= scope.MAX_IN_SCOPE_DECLINED
     # the threshold was chosen on val; test was never looked at: it must still separate most messages
     assert test["in_scope_declined"] <= 0.1 and test["out_of_scope_declined"] >= 0.7, guard.evaluation
     assert guard.out_of_scope(["Please cancel my order 55123", "Write me a poem about the sea"]) == [False, True]
