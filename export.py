@@ -76,7 +76,7 @@ def export_run(run, formats, system_prompt_file, check_limit=None, max_new_token
     dtype = save_merged(model.merge_and_unload(), tokenizer, partial / "merged")
     del model
     merged_answers = answer(*infer.load_for_inference(model_args(merged=partial / "merged"))[:2])
-    check = {"prompts": len(prompts), "prompt_file": str(infer.HELDOUT_FILE), "max_new_tokens": max_new_tokens,
+    check = {"prompts": len(prompts), "prompt_file": infer.shown_path(infer.HELDOUT_FILE), "max_new_tokens": max_new_tokens,
              "greedy": True, "min_agreement": min_agreement,
              "merged": dict(dtype=dtype, bytes=folder_bytes(partial / "merged"), against="adapter",
                             **agreement(adapter_answers, merged_answers, tokenizer))}

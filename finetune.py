@@ -769,7 +769,10 @@ customer-support data to answer customer questions. Load it with infer.py `--run
 ## Data
 - Source: `{manifest['source']}`; train / val / test rows: {manifest['splits']['train']['rows']} /
   {manifest['splits']['val']['rows']} / {manifest['splits']['test']['rows']} (stratified by intent; see manifest.json),
-  including out-of-scope examples from `prompts/fallback.jsonl` written for this project.
+  including out-of-scope examples from `prompts/fallback.jsonl` and in-scope customer messages from
+  `prompts/in_scope.jsonl` (answered with Bitext answers of their intent), both written for this project.
+- `guard.json` beside this card is the run's scope guard (MiniLM embeddings + logistic regression; see scope.py):
+  demo.py and infer.py answer the messages it finds out of scope with its fixed reply.
 - Bitext data © Bitext Innovations International, licensed under CDLA-Sharing-1.0 (text in LICENSE_CDLA-Sharing-1.0.txt
   beside this card). Data derived from it that you publish must stay under CDLA-Sharing-1.0 and keep this notice.
 - The base model's own license applies to the base weights and to this adapter's use with them.

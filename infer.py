@@ -30,6 +30,7 @@ from common import (
     COMPANY_FILE,
     PLACEHOLDER,
     PROMPTS_DIR,
+    REPO,
     SYSTEM_PROMPT_FILE,
     UserError,
     chat_messages,
@@ -143,6 +144,12 @@ def load_prompts(args):
     if not items:
         raise UserError("no prompts to answer: the file is empty")
     return items
+
+
+def shown_path(path):
+    """A path as reports show it: relative to the repository when inside it, so no machine's folders leak into them."""
+    path = Path(path).resolve()
+    return str(path.relative_to(REPO)) if path.is_relative_to(REPO) else str(path)
 
 
 def split_items(run, split):
@@ -650,7 +657,7 @@ def main(args=None):
     args = args or parse_args()
     items = load_prompts(args)
     company = load_company(args.company)
-    label = args.prompt and "one prompt" or (f"{args.split} split" if args.split else str(args.prompts or HELDOUT_FILE))
+    label = args.prompt and "one prompt" or (f"{args.split} split" if args.split else shown_path(args.prompts or HELDOUT_FILE))
     model, tokenizer, _ = load_for_inference(args)
     if args.compare:
         evaluate(model, tokenizer, args.run, args, items, company, label)
