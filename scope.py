@@ -102,7 +102,7 @@ def train_guard(in_scope, out_of_scope, val_in_scope, val_out_of_scope, reply, t
 
     if not in_scope or not out_of_scope or not val_in_scope or not val_out_of_scope:
         raise UserError("the scope guard needs in-scope and out-of-scope messages in both train and val: "
-                        "keep --fallback-ratio above 0, or pass --no-guard")
+                        "check --fallback-file, or pass --no-guard")
     embedder = embedder or Embedder()
     features, labels = embedder(list(in_scope) + list(out_of_scope)), [0] * len(in_scope) + [1] * len(out_of_scope)
     val_in, val_out = embedder(val_in_scope), embedder(val_out_of_scope)
