@@ -157,7 +157,7 @@ def test_split_is_stratified_disjoint_and_seeded(bundled_rows):
 
 
 def test_subset_and_fallback_mixing(bundled_rows):
-    args = args_for("--subset", "500")
+    args = args_for("--subset", "500", "--fallback-ratio", "0.1")
     rows = finetune.validate_rows(bundled_rows, args)
     splits = finetune.make_splits(rows, finetune.load_fallback(finetune.FALLBACK_FILE), args)
     bitext = {name: s[s["intent"] != finetune.FALLBACK_INTENT] for name, s in splits.items()}
@@ -174,6 +174,8 @@ def test_subset_and_fallback_mixing(bundled_rows):
     assert fallback["val"] and fallback["test"]
     assert not (fallback["train"] & fallback["val"] or fallback["train"] & fallback["test"] or fallback["val"] & fallback["test"])
     proportional = finetune.make_splits(rows, None, args_for("--subset", "500", "--subset-sampling", "proportional"))
+    assert finetune.make_splits(rows, finetune.load_fallback(finetune.FALLBACK_FILE), args_for("--subset", "500"))[
+        "train"]["intent"].ne(finetune.FALLBACK_INTENT).all()  # the default: no refusals in the model's training
     assert proportional["train"]["intent"].value_counts().iloc[0] > 80  # the 1,000-row intents dominate, as in the data
 
 
@@ -204,6 +206,15 @@ def test_written_prompts_are_not_copies_of_held_out_prompts():
             mine = words(json.loads(line)["instruction"])
             closest = max(len(mine & other) / max(1, len(mine | other)) for other in heldout)
             assert closest < 0.5, (path.name, line)
+
+
+def test_fixed_fallback_answers_are_the_guard_s_reply():
+    import scope
+
+    written = finetune.load_fallback(finetune.FALLBACK_FILE)
+    fixed = finetune.load_fallback(finetune.FALLBACK_FILE, scope.read_fallback_reply())
+    assert fixed["instruction"].equals(written["instruction"]) and written["response"].nunique() > 150
+    assert set(fixed["response"]) == {scope.read_fallback_reply()}
 
 
 def test_fallback_file_covers_the_required_topics():
