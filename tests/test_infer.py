@@ -229,8 +229,14 @@ def test_smollm2_compare_on_a_short_prompt_list(smollm2_run, tmp_path):
                         "--report-dir", tmp_path / "report")
     assert result.returncode == 0, result.stderr[-2000:]
     answers = [json.loads(line) for line in (tmp_path / "report" / "answers.jsonl").read_text().splitlines()]
-    assert len(answers) == 3 and all(a["base"]["response"] and a["tuned"]["response"] for a in answers)
+    mine, test_split = answers[:3], answers[3:]  # every comparison also answers the run's test split
+    assert [a["base"]["prompt"] for a in mine] == [line["prompt"] for line in lines]
+    assert len(test_split) == len((smollm2_run / "test.jsonl").read_text().splitlines())
+    assert {a["tuned"]["type"] for a in test_split} == {"test_split"}
+    assert all(a["base"]["response"] and a["tuned"]["response"] for a in answers)
     assert answers[0]["base"]["response"] != answers[0]["tuned"]["response"]
+    # the run's guard stands in front of the tuned model: the weather question gets its fixed reply
+    assert answers[1]["tuned + guard"]["guard_declined"] and answers[1]["tuned + guard"]["fallback"]
 
 
 class FakeJudge:
