@@ -19,7 +19,7 @@ import sys
 from pathlib import Path
 
 import infer
-from common import REPO, TEMPLATE_DATE, UserError, chat_messages, read_system_prompt, render_chat, write_json
+from common import REPO, TEMPLATE_DATE, UserError, chat_messages, dtype_name, read_system_prompt, render_chat, write_json
 
 FORMATS = ("merged", "gguf")
 LLAMA_CPP_DIR = REPO / ".venv" / "llama.cpp"  # setup.sh extracts llama.cpp's converter here
@@ -126,7 +126,7 @@ def save_merged(model, tokenizer, folder):
     model.to(dtype).save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     untangle_byte_level_tokenizer(folder / "tokenizer.json")
-    return str(dtype).removeprefix("torch.")
+    return dtype_name(dtype)
 
 
 def untangle_byte_level_tokenizer(path):

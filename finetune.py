@@ -384,8 +384,7 @@ def stratified_sample(rows, n, seed):
             quota[intent] += 1
     while quota.sum() > n:  # the at-least-one rule overshot: trim the biggest intents
         quota[quota.idxmax()] -= 1
-    picked = [group.sample(quota[intent], random_state=seed) for intent, group in rows.groupby("intent", sort=True)]
-    return pd.concat(picked).sample(frac=1, random_state=seed).reset_index(drop=True)
+    return take_quotas(rows, quota, seed)
 
 
 def balanced_sample(rows, n, seed):
@@ -404,6 +403,11 @@ def balanced_sample(rows, n, seed):
         if quota[intent] < counts[intent]:
             quota[intent] += 1
             left -= 1
+    return take_quotas(rows, quota, seed)
+
+
+def take_quotas(rows, quota, seed):
+    """quota[intent] random rows of each intent, shuffled together."""
     picked = [group.sample(quota[intent], random_state=seed) for intent, group in rows.groupby("intent", sort=True)]
     return pd.concat(picked).sample(frac=1, random_state=seed).reset_index(drop=True)
 

@@ -590,6 +590,7 @@ def evaluate(model, tokenizer, run_dir, args, items, company, label):
     train_rows, test_rows = read_jsonl(run_dir / "train.jsonl"), read_jsonl(run_dir / "test.jsonl")
     classifier = IntentClassifier(train_rows, test_rows)
     inventory = {name for r in train_rows for name in PLACEHOLDER.findall(r["response"])}
+    guard = load_guard(run_dir, args.guard)  # a broken guard file stops the comparison now, not after generating
     sets = {label: items}
     if not args.split:  # every comparison also answers the run's own test rows: real data, in scope but for the fallbacks
         sets["the run's test split"] = [dict(item, type="test_split") for item in split_items(run_dir, "test")]
@@ -597,7 +598,6 @@ def evaluate(model, tokenizer, run_dir, args, items, company, label):
     prompts = [item["prompt"] for item in everything]
     base = score(answer_with(model, tokenizer, prompts, args, use_adapter=False), everything, classifier, inventory, company)
     variants = {"tuned": score(answer_with(model, tokenizer, prompts, args), everything, classifier, inventory, company)}
-    guard = load_guard(run_dir, args.guard)
     if guard:
         variants["tuned + guard"] = score(guarded(variants["tuned"], guard), everything, classifier, inventory, company)
     if args.judge_url:

@@ -115,9 +115,9 @@ def train_guard(in_scope, out_of_scope, val_in_scope, val_out_of_scope, reply, t
         if best is None or score > best[0]:
             best = (score, strength, guard)
     _, strength, guard = best
-    guard.evaluation = {"C": strength, "val": rates(guard, val_in_scope, val_out_of_scope)}
+    guard.evaluation = {"C": strength, "val": rates(guard, val_in, val_out)}
     if test_in_scope and test_out_of_scope:
-        guard.evaluation["test"] = rates(guard, test_in_scope, test_out_of_scope)
+        guard.evaluation["test"] = rates(guard, embedder(test_in_scope), embedder(test_out_of_scope))
     return guard
 
 
@@ -138,6 +138,9 @@ def choose_threshold(in_scope_probabilities, out_of_scope_probabilities, max_in_
 
 
 def rates(guard, in_scope, out_of_scope):
-    return {"in_scope_declined": round(float(np.mean(guard.out_of_scope(in_scope))), 4), "in_scope_n": len(in_scope),
-            "out_of_scope_declined": round(float(np.mean(guard.out_of_scope(out_of_scope))), 4),
-            "out_of_scope_n": len(out_of_scope)}
+    """The share of each set of messages, given as embeddings, that the guard declines."""
+    def declined(embeddings):
+        return round(float(np.mean(guard.probabilities_of(embeddings) >= guard.threshold)), 4)
+
+    return {"in_scope_declined": declined(in_scope), "in_scope_n": len(in_scope),
+            "out_of_scope_declined": declined(out_of_scope), "out_of_scope_n": len(out_of_scope)}

@@ -38,7 +38,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 import finetune  # noqa: E402  (needs the repo on sys.path; imports no ML library at module level)
-from common import CACHE_DIR, UserError, has_cuda, load_model, load_tokenizer, read_system_prompt, run_main, write_json  # noqa: E402
+from common import CACHE_DIR, UserError, compute_dtype, has_cuda, load_model, load_tokenizer, read_system_prompt, run_main, write_json  # noqa: E402
 
 VARIANTS = {
     "unsloth": {"loader": "unsloth", "checkpointing": "unsloth"},
@@ -137,10 +137,9 @@ def load_peft_baseline(fargs, cuda):
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
-    from common import resolve_model
+    from common import compute_dtype, resolve_model
 
-    # Unsloth's choice on the same machine: bf16 where the GPU has it, else fp16; fp32 on a CPU.
-    dtype = (torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16) if cuda else torch.float32
+    dtype = compute_dtype()  # the dtype the Unsloth variants load in, so both sides compute alike
     tokenizer = load_tokenizer(fargs.model)
     quantization = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
                                       bnb_4bit_compute_dtype=dtype)
@@ -236,10 +235,8 @@ def run_variant(args):
     fargs = finetune_args(args)
     if spec["loader"] == "unsloth":
         model, tokenizer, _ = load_model(args.model, args.max_seq_length)  # imports Unsloth first, as finetune.py does
-        from unsloth import is_bfloat16_supported
-
         model = finetune.add_lora(model, fargs, gradient_checkpointing=spec["checkpointing"])
-        native_bf16 = cuda and is_bfloat16_supported()
+        native_bf16 = compute_dtype() == torch.bfloat16
     else:
         model, tokenizer, native_bf16 = load_peft_baseline(fargs, cuda)
         if not cuda:
