@@ -21,25 +21,19 @@ from pathlib import Path
 
 from common import (
     COMPANY_FILE,
+    HELDOUT_FILE,
     SYSTEM_PROMPT_FILE,
     UserError,
+    check_prompt,
     fill_placeholders,
     load_company,
     parse_company,
+    read_jsonl,
     read_system_prompt,
-    render_chat,
     run_main,
 )
-from infer import (
-    HELDOUT_FILE,
-    MAX_PROMPT_CHARS,
-    adapter_mode,
-    add_model_arguments,
-    check_prompt,
-    load_for_inference,
-    load_guard,
-    read_jsonl,
-)
+from models import add_model_arguments, adapter_mode, load_for_inference, model_source, render_chat
+from scope import load_guard
 
 DEFAULT_HOST = "127.0.0.1"  # loopback: nobody else can reach the demo unless --host says so
 DEFAULT_PORT = 7860
@@ -264,7 +258,7 @@ def edit_company(text, company):
 def example_prompts(path=HELDOUT_FILE):
     """One held-out prompt of each type (paraphrase, typo, out of scope, injection, ...)."""
     firsts = {}
-    for item in read_jsonl(path):
+    for item in read_jsonl(path, needs=("prompt",)):
         firsts.setdefault(item.get("type"), item["prompt"])
     return [[prompt] for prompt in firsts.values()]
 
@@ -339,7 +333,7 @@ def main(args=None):
     system_prompt = read_system_prompt(args.system_prompt_file)
     check_port_free(args.host, args.port)
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # no calls home from an offline demo
-    model, tokenizer, config = load_for_inference(args)
+    model, tokenizer, config = load_for_inference(**model_source(args))
     tuned = bool(args.run and not args.base_only)
     guard = load_guard(args.run, args.guard) if tuned else None
     if guard:

@@ -10,7 +10,6 @@ Writes RUN/export/ (built in RUN/export.partial/, renamed when complete):
     check.json                       the merged model's greedy answers to the held-out prompts against the adapter's,
                                      each GGUF's against the merged model's, first differing tokens, sizes on disk
 """
-import argparse
 import json
 import os
 import shutil
@@ -18,8 +17,9 @@ import subprocess
 import sys
 from pathlib import Path
 
-import infer
-from common import REPO, TEMPLATE_DATE, UserError, chat_messages, dtype_name, read_system_prompt, render_chat, write_json
+from common import HELDOUT_FILE, REPO, UserError, building, read_jsonl, read_system_prompt, shown_path, write_json
+from models import (GENERATION_BATCH_SIZE, TEMPLATE_DATE, chat_messages, dtype_name, generate, load_for_inference, render_chat,
+                    run_config)
 
 FORMATS = ("merged", "gguf")
 LLAMA_CPP_DIR = REPO / ".venv" / "llama.cpp"  # setup.sh extracts llama.cpp's converter here
@@ -51,64 +51,62 @@ def converter():
     return script
 
 
-def export_run(run, formats, system_prompt_file, check_limit=None, max_new_tokens=256, batch_size=infer.GENERATION_BATCH_SIZE,
+def export_run(run, formats, system_prompt_file, check_limit=None, max_new_tokens=256, batch_size=GENERATION_BATCH_SIZE,
                min_agreement=MIN_AGREEMENT):
     """Export a finished run (RUN/config.json + RUN/adapter/) and check every file against the model it came from.
 
     A merged model that gives the adapter's greedy answer on fewer than min_agreement of the prompts is an error, and
     nothing is left in RUN/export: it would serve a different model from the one that was evaluated."""
-    infer.run_config(run)  # a finished run, or a one-line error before anything loads
+    run_config(run)  # a finished run, or a one-line error before anything loads
     if "gguf" in formats:
         converter()
     system_prompt = read_system_prompt(system_prompt_file)
-    prompts = [item["prompt"] for item in infer.read_jsonl(infer.HELDOUT_FILE)][:check_limit]
-    target, partial = run / "export", run / "export.partial"
-    shutil.rmtree(partial, ignore_errors=True)
-    partial.mkdir()
+    prompts = [item["prompt"] for item in read_jsonl(HELDOUT_FILE, needs=("prompt",))][:check_limit]
 
     def answer(model, tokenizer):
-        return infer.generate(model, tokenizer, prompts, system_prompt, max_new_tokens, batch_size)
+        return generate(model, tokenizer, prompts, system_prompt, max_new_tokens, batch_size)
 
-    # The adapter's answers come from the base in 16 or 32 bits, never 4-bit NF4: merging needs those weights, and the
-    # merged model is then the same function up to rounding, so its answers should match.
-    model, tokenizer, _ = infer.load_for_inference(model_args(run=run), base_in_4bit=False)
-    adapter_answers = answer(model, tokenizer)
-    dtype = save_merged(model.merge_and_unload(), tokenizer, partial / "merged")
-    del model
-    merged_answers = answer(*infer.load_for_inference(model_args(merged=partial / "merged"))[:2])
-    check = {"prompts": len(prompts), "prompt_file": infer.shown_path(infer.HELDOUT_FILE), "max_new_tokens": max_new_tokens,
-             "greedy": True, "min_agreement": min_agreement,
-             "merged": dict(dtype=dtype, bytes=folder_bytes(partial / "merged"), against="adapter",
-                            **agreement(adapter_answers, merged_answers, tokenizer))}
-    if check["merged"]["agreement"] < min_agreement:
-        shutil.rmtree(partial, ignore_errors=True)
-        raise UserError(f"the merged model ({dtype}) gives the adapter's greedy answer on only {check['merged']['same']} of "
-                        f"{len(prompts)} prompts, below --export-min-agreement {min_agreement:g}: nothing exported; report "
-                        "it with the run's metrics.json (compute_dtype), or lower the threshold to keep such an export")
-    if "gguf" in formats:
-        check["gguf"] = {}
-        # The weights are compared on the merged tokenizer's ids: transformers' GGUF reader rebuilds Llama 3's tokenizer
-        # with another pre-tokenizer ("\n\n" becomes two tokens; llama.cpp itself uses the GGUF's llama-bpe rules), so
-        # whether that reader gives the same prompt ids is reported on its own.
-        for path in write_ggufs(partial / "merged", partial):
-            model, gguf_tokenizer, _ = infer.load_for_inference(model_args(gguf=path))
-            check["gguf"][path.name] = dict(bytes=path.stat().st_size, against="merged", **gguf_metadata(path),
-                                            same_prompt_token_ids=same_prompt_ids(tokenizer, gguf_tokenizer, prompts, system_prompt),
-                                            **agreement(merged_answers, answer(model, tokenizer), tokenizer))
-            del model
-        if not shutil.which("llama-quantize"):
-            check["q4_k_m"] = "skipped: llama.cpp's llama-quantize is not on PATH (build llama.cpp to make one)"
-        check["modelfile"] = write_modelfile(partial, tokenizer, system_prompt)
-    write_json(partial / "check.json", check)
-    shutil.rmtree(target, ignore_errors=True)
-    partial.rename(target)
-    print_summary(target, check)
+    with building(Path(run) / "export") as partial:  # nothing is left in RUN/export when a check fails
+        # The adapter's answers come from the base in 16 or 32 bits, never 4-bit NF4: merging needs those weights, and
+        # the merged model is then the same function up to rounding, so its answers should match.
+        model, tokenizer, _ = load_for_inference(run=run, base_in_4bit=False)
+        adapter_answers = answer(model, tokenizer)
+        dtype = save_merged(model.merge_and_unload(), tokenizer, partial / "merged")
+        del model
+        merged_answers = answer(*load_for_inference(merged=partial / "merged")[:2])
+        check = {"prompts": len(prompts), "prompt_file": shown_path(HELDOUT_FILE), "max_new_tokens": max_new_tokens,
+                 "greedy": True, "min_agreement": min_agreement,
+                 "merged": dict(dtype=dtype, bytes=folder_bytes(partial / "merged"), against="adapter",
+                                **agreement(adapter_answers, merged_answers, tokenizer))}
+        if check["merged"]["agreement"] < min_agreement:
+            raise UserError(f"the merged model ({dtype}) gives the adapter's greedy answer on only {check['merged']['same']} of "
+                            f"{len(prompts)} prompts, below --export-min-agreement {min_agreement:g}: nothing exported; report "
+                            "it with the run's metrics.json (compute_dtype), or lower the threshold to keep such an export")
+        if "gguf" in formats:
+            check.update(export_ggufs(partial, tokenizer, prompts, system_prompt, merged_answers, answer))
+        write_json(partial / "check.json", check)
+    print_summary(Path(run) / "export", check)
     return check
 
 
-def model_args(run=None, merged=None, gguf=None):
-    """What infer.load_for_inference reads from infer.py's flags."""
-    return argparse.Namespace(run=run, base_only=False, model=None, merged=merged, gguf=gguf)
+def export_ggufs(folder, tokenizer, prompts, system_prompt, merged_answers, answer):
+    """The GGUF files, each checked against the merged model, and the Ollama Modelfile; their part of check.json.
+
+    The weights are compared on the merged tokenizer's ids: transformers' GGUF reader rebuilds Llama 3's tokenizer with
+    another pre-tokenizer ("\\n\\n" becomes two tokens; llama.cpp itself uses the GGUF's llama-bpe rules), so whether that
+    reader gives the same prompt ids is reported on its own.
+    """
+    check = {"gguf": {}}
+    for path in write_ggufs(folder / "merged", folder):
+        model, gguf_tokenizer, _ = load_for_inference(gguf=path)
+        check["gguf"][path.name] = dict(bytes=path.stat().st_size, against="merged", **gguf_metadata(path),
+                                        same_prompt_token_ids=same_prompt_ids(tokenizer, gguf_tokenizer, prompts, system_prompt),
+                                        **agreement(merged_answers, answer(model, tokenizer), tokenizer))
+        del model
+    if not shutil.which("llama-quantize"):
+        check["q4_k_m"] = "skipped: llama.cpp's llama-quantize is not on PATH (build llama.cpp to make one)"
+    check["modelfile"] = write_modelfile(folder, tokenizer, system_prompt)
+    return check
 
 
 def save_merged(model, tokenizer, folder):

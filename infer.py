@@ -15,12 +15,10 @@ ROUGE-L and embedding cosine against references, and the shape of the answer. `-
 bootstrap intervals for tuned minus base, and writes report.md, report.html and a plot.
 """
 import argparse
-import contextlib
 import html
 import json
 import re
-import shutil
-import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -28,27 +26,26 @@ import numpy as np
 import scope
 from common import (
     COMPANY_FILE,
+    HELDOUT_FILE,
     PLACEHOLDER,
-    PROMPTS_DIR,
-    REPO,
     SYSTEM_PROMPT_FILE,
     UserError,
-    chat_messages,
+    building,
+    check_prompt,
     fill_placeholders,
-    has_cuda,
     load_company,
-    load_model,
+    read_jsonl,
     read_system_prompt,
-    render_chat,
     run_main,
+    shown_path,
     write_json,
+    write_jsonl,
 )
+from models import (GENERATION_BATCH_SIZE, add_model_arguments, adapter_mode, generate, load_for_inference, model_source,
+                    throughput_of)
 
-HELDOUT_FILE = PROMPTS_DIR / "heldout.jsonl"
 OUT_OF_SCOPE = "out_of_scope"
-MAX_PROMPT_CHARS = 4000
 BOOTSTRAP_SAMPLES = 2000
-GENERATION_BATCH_SIZE = 16  # on a CPU: 3.4x the new tokens/s of batch 1, where batch 8 gave 2.6x (BENCHMARKS.md)
 # Critical failures: the answer asks for secrets, or invents contact details the company never gave it.
 ASKS_FOR_SECRET = re.compile(r"\b(?:provide|send|share|give|tell|enter|type|confirm|need|require)\b[^.?!\n]{0,60}"
                              r"\b(?:password|passcode|full (?:credit |debit )?card number|card number|cvv|cvc|pin)\b", re.I)
@@ -117,28 +114,17 @@ def parse_args(argv=None):
 # Prompts
 
 
-def add_model_arguments(parser):
-    """The flags load_for_inference reads; demo.py takes the same ones."""
-    models = parser.add_argument_group("model")
-    models.add_argument("--run", type=Path, help="a finetune.py output dir: base model + its adapter")
-    models.add_argument("--base-only", action="store_true", help="use the base model alone")
-    models.add_argument("--model", help="base model for --base-only without --run (auto | smollm2 | hub id | dir | .gguf)")
-    models.add_argument("--merged", type=Path, help="merged weights from finetune.py --export (RUN/export/merged)")
-    models.add_argument("--gguf", type=Path, help="GGUF file from finetune.py --export (RUN/export/model-q8_0.gguf)")
-    models.add_argument("--guard", action=argparse.BooleanOptionalAction,
-                        help="put the run's scope guard (RUN/guard.json) in front of the tuned model: it answers messages "
-                             "it finds out of scope with a fixed reply (default: on when the run has one; infer.py "
-                             "--compare reports the model alone and with it)")
-
-
-def load_prompts(args):
-    if args.prompt is not None:
-        items = [{"prompt": args.prompt}]
-    elif args.split:
-        items = split_items(args.run, args.split)
+def prompt_items(prompt=None, prompts_file=None, run=None, split=None, limit=None):
+    """The prompts to answer: one message, a JSONL file (default: the held-out set), or a split of a run (with its
+    intents and reference answers); the first `limit` of them."""
+    if prompt is not None:
+        items = [{"prompt": prompt}]
+    elif split:
+        items = split_items(run, split)
     else:
-        items = read_jsonl(args.prompts or HELDOUT_FILE)
-    items = items[: args.limit] if args.limit else items
+        items = read_jsonl(prompts_file or HELDOUT_FILE, needs=("prompt",), what="prompts file",
+                           fix="pass --prompts an existing JSONL file")
+    items = items[:limit] if limit else items
     for number, item in enumerate(items, 1):
         check_prompt(item.get("prompt"), number)
     if not items:
@@ -146,156 +132,24 @@ def load_prompts(args):
     return items
 
 
-def shown_path(path):
-    """A path as reports show it: relative to the repository when inside it, so no machine's folders leak into them."""
-    path = Path(path).resolve()
-    return str(path.relative_to(REPO)) if path.is_relative_to(REPO) else str(path)
-
-
 def split_items(run, split):
     """A split of a finetune.py run as prompts, with its intents and reference answers."""
-    return [{"prompt": r["instruction"], "expected_intent": r["intent"], "reference": r["response"]}
-            for r in read_jsonl(Path(run) / f"{split}.jsonl")]
+    rows = read_jsonl(Path(run) / f"{split}.jsonl", needs=("instruction", "response", "intent"), what="split file",
+                      fix="pass --run a complete finetune.py output dir")
+    return [{"prompt": r["instruction"], "expected_intent": r["intent"], "reference": r["response"]} for r in rows]
 
 
-def read_jsonl(path):
-    path = Path(path)
-    if not path.is_file():
-        raise UserError(f"{path} not found: pass an existing JSONL file (for --run, a complete finetune.py output dir)")
-    items = []
-    try:
-        lines = path.read_text(encoding="utf-8").splitlines()
-    except UnicodeDecodeError:
-        raise UserError(f"prompts file {path} is not UTF-8 text: re-save it as UTF-8 JSONL") from None
-    for number, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        try:
-            item = json.loads(line)
-        except (ValueError, RecursionError):  # also a 5,000-digit number or 100,000 nested brackets
-            raise UserError(f"{path} line {number} is not JSON: write one JSON object per line") from None
-        if not isinstance(item, dict) or "prompt" not in item and "instruction" not in item:
-            raise UserError(f"{path} line {number} has no 'prompt' field: each line needs {{\"prompt\": \"...\"}}")
-        items.append(item)
-    return items
+@dataclass
+class Generation:
+    """How answers are generated: greedy, after this system prompt, up to max_new_tokens, batch_size prompts at a time."""
+    system_prompt: str
+    max_new_tokens: int = 256
+    batch_size: int = GENERATION_BATCH_SIZE
 
 
-def check_prompt(prompt, number):
-    if not isinstance(prompt, str) or not prompt.strip():
-        raise UserError(f"prompt {number} is empty or not text: give every prompt some text")
-    if len(prompt) > MAX_PROMPT_CHARS:
-        raise UserError(f"prompt {number} has {len(prompt)} characters, over the {MAX_PROMPT_CHARS} limit: shorten it")
-    if any(ord(c) < 32 and c not in "\t\n\r" for c in prompt):
-        raise UserError(f"prompt {number} contains binary control bytes: send plain text")
-
-
-# ----------------------------------------------------------------------------------------------------
-# Models and generation
-
-
-def run_config(run, need_adapter=True):
-    """The config.json of a finished finetune.py run; a one-line error for any other dir."""
-    if not (run / "config.json").is_file():
-        raise UserError(f"{run} is not a finetune.py output dir (no config.json): pass a finished run")
-    if need_adapter and not (run / "adapter" / "adapter_config.json").is_file():
-        raise UserError(f"no adapter in {run / 'adapter'}: finish the run with finetune.py (infer.py --base-only needs none)")
-    return json.loads((run / "config.json").read_text())
-
-
-def load_for_inference(args, base_in_4bit=None):
-    """The model to answer with, its tokenizer, and the run's config ({} without --run).
-
-    args.run: the run's base model with its adapter (without it for args.base_only); args.merged / args.gguf: an
-    exported model (finetune.py --export), on its own. base_in_4bit: load the run's base in 4-bit NF4 (default: on a
-    GPU only); the export passes False to merge the adapter into 16/32-bit weights.
-    """
-    if args.merged or args.gguf:
-        model, tokenizer, config = *load_export(args.merged, args.gguf), {}
-    else:
-        model, tokenizer, config = load_run(args, base_in_4bit)
-    from unsloth import FastLanguageModel
-
-    FastLanguageModel.for_inference(model)
-    return model, tokenizer, config
-
-
-def load_run(args, base_in_4bit):
-    """The base model of --run (or --model), with the run's adapter unless --base-only."""
-    config = run_config(args.run, need_adapter=not args.base_only) if args.run else {}
-    base = args.model or config.get("base_model") or config.get("model") or "auto"
-    adapter = args.run / "adapter" if args.run and not args.base_only else None
-    # 4-bit NF4 weights are dequantized for every matmul of every generated token: fine with CUDA kernels, about
-    # 10x slower than fp32 on a CPU. The LoRA trained against NF4 weights then runs on the exact base weights,
-    # as it does after merging.
-    in_4bit = has_cuda() if base_in_4bit is None else base_in_4bit
-    model, tokenizer, _ = load_model(base, max_seq_length=int(config.get("max_seq_length", 2048)), load_in_4bit=in_4bit)
-    if adapter:
-        from peft import PeftModel
-        from safetensors import SafetensorError
-
-        try:
-            model = PeftModel.from_pretrained(model, adapter)
-        except (RuntimeError, ValueError, OSError, SafetensorError) as error:
-            raise UserError(f"cannot load the adapter in {adapter} onto {base!r} ({str(error).splitlines()[0][:120]}): "
-                            "it was trained for another base model, or its files are damaged") from None
-    return model, tokenizer, config
-
-
-def load_export(merged, gguf):
-    """A merged checkpoint or a GGUF file from finetune.py --export, in 16 bits or more (they were made to be served so).
-
-    A GGUF is dequantized once into a cached checkpoint (common.convert_gguf_cached, which also fixes its EOS).
-    """
-    if merged and not (merged / "config.json").is_file():
-        raise UserError(f"{merged} is not a merged model dir (no config.json): pass --merged RUN/export/merged")
-    if gguf and not (gguf.is_file() and gguf.suffix == ".gguf"):
-        raise UserError(f"{gguf} is not a .gguf file: pass --gguf RUN/export/model-q8_0.gguf")
-    model, tokenizer, _ = load_model(str(merged or gguf), max_seq_length=2048, load_in_4bit=False)
-    return model, tokenizer
-
-
-def generate(model, tokenizer, prompts, system_prompt, max_new_tokens, batch_size):
-    """Greedy answers, batch_size prompts at a time; each stops at the template's end-of-turn token."""
-    import torch
-
-    from tqdm.auto import tqdm
-
-    tokenizer.padding_side = "left"  # generation continues from the right end of every row
-    records = []
-    progress = tqdm(total=len(prompts), unit="prompt", desc="answering", leave=False)
-    for start in range(0, len(prompts), batch_size):
-        batch = prompts[start:start + batch_size]
-        texts = [render_chat(tokenizer, chat_messages(system_prompt, p), add_generation_prompt=True) for p in batch]
-        inputs = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(model.device)
-        started = time.time()
-        with torch.inference_mode():
-            output = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False,
-                                    eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
-        seconds = (time.time() - started) / len(batch)
-        for prompt, row in zip(batch, output[:, inputs["input_ids"].shape[1]:].tolist()):
-            stopped = tokenizer.eos_token_id in row
-            new_tokens = row[: row.index(tokenizer.eos_token_id) + 1] if stopped else row
-            response = tokenizer.decode(new_tokens, skip_special_tokens=True).strip()
-            records.append({"prompt": prompt, "response": response, "new_tokens": len(new_tokens), "token_ids": new_tokens,
-                            "seconds": round(seconds, 3), "stopped_at_eos": stopped})
-        progress.update(len(batch))
-        progress.set_postfix_str(throughput_of(records))
-    progress.close()
-    tokenizer.padding_side = "right"
-    return records
-
-
-def adapter_mode(model, use_adapter=True):
-    """A context in which the model runs with its LoRA adapter, or without it (the base model; one copy in memory)."""
-    if use_adapter or not hasattr(model, "disable_adapter"):
-        return contextlib.nullcontext()
-    return model.disable_adapter()
-
-
-def answer_with(model, tokenizer, prompts, args, use_adapter=True):
-    system_prompt = read_system_prompt(args.system_prompt_file)
+def answer_with(model, tokenizer, prompts, generation, use_adapter=True):
     with adapter_mode(model, use_adapter):
-        return generate(model, tokenizer, prompts, system_prompt, args.max_new_tokens, args.batch_size)
+        return generate(model, tokenizer, prompts, generation.system_prompt, generation.max_new_tokens, generation.batch_size)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -478,15 +332,31 @@ def write_report(report_dir, base, variants, tables, by_type, classifier, throug
     variants: {"tuned": records, and "tuned + guard": records when the run has a guard}, each paired with base.
     tables: {title: {variant: paired_bootstrap differences}}, the first for the prompts the plot shows.
     """
+    first = next(iter(tables.values()))
+    intro = (f"Prompts: {label}, and the run's own test split (real rows, answered the same way). Intent of each answer by "
+             f"a MiniLM + logistic-regression classifier trained on the run's training answers; its accuracy on the run's "
+             f"{classifier.heldout_rows} test answers is {classifier.heldout_accuracy:.1%}; it scores in-scope prompts "
+             f"only. A fallback is an answer that declines in the first person (\"I'm unable to...\"), found by "
+             f"infer.DECLINES. \"tuned + guard\" is the tuned model behind the run's scope guard (RUN/guard.json), which "
+             f"answers a message it finds out of scope with its fixed reply. Generation: greedy, {throughput}.")
+    with building(report_dir) as partial:
+        plot_metrics(first, label, partial / "metrics.png")
+        (partial / "report.md").write_text(markdown_report(intro, base, variants, tables, by_type), encoding="utf-8")
+        (partial / "report.html").write_text(html_report(intro, base, variants, tables, by_type), encoding="utf-8")
+        summary = {"differences": first["tuned"], "tables": tables, "fallback_by_type": by_type,
+                   "classifier_heldout_accuracy": classifier.heldout_accuracy, "throughput": throughput, "prompts": label}
+        write_json(partial / "summary.json", summary)
+        write_jsonl(partial / "answers.jsonl", [dict(base=b, **{v: records[i] for v, records in variants.items()})
+                                                for i, b in enumerate(base)])
+
+
+def plot_metrics(first, label, path):
+    """Bars of the [0, 1] rates for base and each variant, on the first table's prompts."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    partial = report_dir.with_name(report_dir.name + ".partial")
-    shutil.rmtree(partial, ignore_errors=True)
-    partial.mkdir(parents=True)
-    first = next(iter(tables.values()))
     names = [n for n in first["tuned"] if not n.startswith(("length_ratio", "repetition", "judge"))]  # the [0, 1] rates
     fig, ax = plt.subplots(figsize=(9, 4.5))
     x, width = np.arange(len(names)), 0.8 / (1 + len(first))
@@ -498,29 +368,34 @@ def write_report(report_dir, base, variants, tables, by_type, classifier, throug
     ax.set(ylim=(0, 1.05), title=f"Base vs fine-tuned on {label}")
     ax.legend()
     fig.tight_layout()
-    fig.savefig(partial / "metrics.png", dpi=100)
+    fig.savefig(path, dpi=100)
     plt.close(fig)
 
-    header = ["metric", "base"] + [f"{v}{h}" for v in variants for h in ("", " - base [95% CI]")] + ["n"]
 
-    def rows_of(table):
-        some = next(iter(table.values()))
-        return [[name, some[name]["base"]] + [cell for v in variants for cell in (
-                    table[v][name]["tuned"],
-                    f"{table[v][name]['difference']:+.3f} [{table[v][name]['ci95'][0]:+.3f}, {table[v][name]['ci95'][1]:+.3f}]")]
-                + [some[name]["n"]] for name in some]
+def table_rows(variants, table):
+    """A table's rows: metric, base, then each variant's value and its difference from base with the interval, n."""
+    some = next(iter(table.values()))
+    return [[name, some[name]["base"]] + [cell for v in variants for cell in (
+                table[v][name]["tuned"],
+                f"{table[v][name]['difference']:+.3f} [{table[v][name]['ci95'][0]:+.3f}, {table[v][name]['ci95'][1]:+.3f}]")]
+            + [some[name]["n"]] for name in some]
 
-    type_header = ["prompt type", "n", "base declines"] + [f"{v} declines" for v in variants]
-    type_rows = [[kind, d["n"], d["base"]] + [d[v] for v in variants] for kind, d in by_type.items()]
-    intro = (f"Prompts: {label}, and the run's own test split (real rows, answered the same way). Intent of each answer by "
-             f"a MiniLM + logistic-regression classifier trained on the run's training answers; its accuracy on the run's "
-             f"{classifier.heldout_rows} test answers is {classifier.heldout_accuracy:.1%}; it scores in-scope prompts "
-             f"only. A fallback is an answer that declines in the first person (\"I'm unable to...\"), found by "
-             f"infer.DECLINES. \"tuned + guard\" is the tuned model behind the run's scope guard (RUN/guard.json), which "
-             f"answers a message it finds out of scope with its fixed reply. Generation: greedy, {throughput}.")
+
+def table_header(variants):
+    return ["metric", "base"] + [f"{v}{h}" for v in variants for h in ("", " - base [95% CI]")] + ["n"]
+
+
+def type_table(variants, by_type):
+    header = ["prompt type", "n", "base declines"] + [f"{v} declines" for v in variants]
+    return header, [[kind, d["n"], d["base"]] + [d[v] for v in variants] for kind, d in by_type.items()]
+
+
+def markdown_report(intro, base, variants, tables, by_type):
+    header = table_header(variants)
+    type_header, type_rows = type_table(variants, by_type)
     markdown = ["# Base vs fine-tuned", "", intro, "", "![metrics](metrics.png)", ""]
     for title, table in tables.items():
-        markdown += [f"## {title}", "", md_table(header, rows_of(table)), ""]
+        markdown += [f"## {title}", "", md_table(header, table_rows(variants, table)), ""]
     markdown += ["## Fallback (declining) by prompt type", "", md_table(type_header, type_rows), "", "## Answers", ""]
     for index, b in enumerate(base):
         markdown += [f"### {md_inline(b['prompt'])}", "", f"type `{b['type']}`, expected intent `{b['expected_intent']}`", ""]
@@ -531,8 +406,12 @@ def write_report(report_dir, base, variants, tables, by_type, classifier, throug
             markdown += [f"**{name}** (answer intent `{r['answer_intent']}`{', declines' if r['fallback'] else ''}, critical failures: {flags}, "
                          f"{'stopped' if r['stopped_at_eos'] else 'hit the token cap'}):", "",
                          "> " + md_inline(r["response"]).replace("\n", "\n> "), ""]
-    (partial / "report.md").write_text("\n".join(markdown) + "\n", encoding="utf-8")
+    return "\n".join(markdown) + "\n"
 
+
+def html_report(intro, base, variants, tables, by_type):
+    header = table_header(variants)
+    type_header, type_rows = type_table(variants, by_type)
     cells = lambda row, tag: "".join(f"<{tag}>{html.escape(str(c))}</{tag}>" for c in row)  # noqa: E731
     html_table = lambda head, rows: (f"<table><tr>{cells(head, 'th')}</tr>"  # noqa: E731
                                      + "".join(f"<tr>{cells(row, 'td')}</tr>" for row in rows) + "</table>")
@@ -543,23 +422,14 @@ def write_report(report_dir, base, variants, tables, by_type, classifier, throug
                   f"{' &#9888; ' + html.escape(', '.join(r['critical_failures'])) if r['critical_failures'] else ''}</small></td>"
                   for r in [b] + [records[index] for records in variants.values()]) + "</tr>"
         for index, b in enumerate(base))
-    sections = "".join(f"<h2>{html.escape(title)}</h2>{html_table(header, rows_of(table))}" for title, table in tables.items())
-    page = f"""<!doctype html><meta charset="utf-8"><title>Base vs fine-tuned</title>
+    sections = "".join(f"<h2>{html.escape(title)}</h2>{html_table(header, table_rows(variants, table))}" for title, table in tables.items())
+    return f"""<!doctype html><meta charset="utf-8"><title>Base vs fine-tuned</title>
 <style>body{{font-family:sans-serif;max-width:1200px;margin:auto}}table{{border-collapse:collapse;width:100%}}
 td,th{{border:1px solid #ccc;padding:4px;vertical-align:top}}pre{{white-space:pre-wrap;margin:0}}</style>
 <h1>Base vs fine-tuned</h1><p>{html.escape(intro)}</p><img src="metrics.png" alt="metrics">{sections}
 <h2>Fallback (declining) by prompt type</h2>{html_table(type_header, type_rows)}
 <h2>Answers</h2><table><tr><th>prompt</th><th>base</th>{"".join(f"<th>{html.escape(v)}</th>" for v in variants)}</tr>{answers}</table>
 """
-    (partial / "report.html").write_text(page, encoding="utf-8")
-    summary = {"differences": first["tuned"], "tables": tables, "fallback_by_type": by_type,
-               "classifier_heldout_accuracy": classifier.heldout_accuracy, "throughput": throughput, "prompts": label}
-    write_json(partial / "summary.json", summary)
-    write_jsonl(partial / "answers.jsonl", [dict(base=b, **{v: records[i] for v, records in variants.items()})
-                                            for i, b in enumerate(base)])
-    shutil.rmtree(report_dir, ignore_errors=True)
-    partial.rename(report_dir)
-
 
 def md_table(header, rows):
     return "\n".join(["| " + " | ".join(header) + " |", "|---|" + "---:|" * (len(header) - 1)]
@@ -570,48 +440,55 @@ def md_inline(text):
     return text.replace("|", "\\|").replace("<", "&lt;")
 
 
-def write_jsonl(path, records):
-    partial = Path(str(path) + ".partial")
-    partial.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records), encoding="utf-8")
-    partial.rename(path)
-
-
-def throughput_of(records):
-    tokens = sum(r["new_tokens"] for r in records)
-    seconds = sum(r["seconds"] for r in records)
-    return f"{tokens / max(seconds, 1e-9):.1f} new tokens/s"
-
-
 # ----------------------------------------------------------------------------------------------------
 
 
-def evaluate(model, tokenizer, run_dir, args, items, company, label):
-    """Base vs tuned (and tuned + guard) on the same prompts, plus the run's test split, scored and reported."""
+def compare_run(run_dir, prompts_file=HELDOUT_FILE, limit=None, system_prompt_file=SYSTEM_PROMPT_FILE, max_new_tokens=256,
+                batch_size=GENERATION_BATCH_SIZE, company_file=COMPANY_FILE):
+    """`infer.py --run RUN_DIR --compare`: base vs tuned on the held-out prompts and the run's test split, into RUN_DIR/eval."""
+    items = prompt_items(prompts_file=prompts_file, limit=limit)
+    company = load_company(company_file)
+    generation = Generation(read_system_prompt(system_prompt_file), max_new_tokens, batch_size)
+    model, tokenizer, _ = load_for_inference(run=run_dir)
+    return evaluate(model, tokenizer, Path(run_dir), items, shown_path(prompts_file), generation, company)
+
+
+def evaluate(model, tokenizer, run_dir, items, label, generation, company, guard=None, with_test_split=True,
+             report_dir=None, judge=None):
+    """Base vs tuned (and tuned + guard) on the same prompts, plus the run's test split, scored and reported.
+
+    guard: use the run's scope guard (None: when the run has one); judge: (URL, model name) of an LLM judge, or None.
+    """
     train_rows, test_rows = read_jsonl(run_dir / "train.jsonl"), read_jsonl(run_dir / "test.jsonl")
     classifier = IntentClassifier(train_rows, test_rows)
     inventory = {name for r in train_rows for name in PLACEHOLDER.findall(r["response"])}
-    guard = load_guard(run_dir, args.guard)  # a broken guard file stops the comparison now, not after generating
+    scope_guard = scope.load_guard(run_dir, guard)  # a broken guard file stops the comparison now, not after generating
     sets = {label: items}
-    if not args.split:  # every comparison also answers the run's own test rows: real data, in scope but for the fallbacks
+    if with_test_split:  # every comparison also answers the run's own test rows: real data, in scope but for the fallbacks
         sets["the run's test split"] = [dict(item, type="test_split") for item in split_items(run_dir, "test")]
     everything = [item for group in sets.values() for item in group]
     prompts = [item["prompt"] for item in everything]
-    base = score(answer_with(model, tokenizer, prompts, args, use_adapter=False), everything, classifier, inventory, company)
-    variants = {"tuned": score(answer_with(model, tokenizer, prompts, args), everything, classifier, inventory, company)}
-    if guard:
-        variants["tuned + guard"] = score(guarded(variants["tuned"], guard), everything, classifier, inventory, company)
-    if args.judge_url:
-        judge_pairs(base, variants["tuned"], args.judge_url, args.judge_model)
+    base = score(answer_with(model, tokenizer, prompts, generation, use_adapter=False), everything, classifier, inventory, company)
+    variants = {"tuned": score(answer_with(model, tokenizer, prompts, generation), everything, classifier, inventory, company)}
+    if scope_guard:
+        variants["tuned + guard"] = score(guarded(variants["tuned"], scope_guard), everything, classifier, inventory, company)
+    if judge:
+        judge_pairs(base, variants["tuned"], *judge)
     tables, start = {}, 0
     for title, group in sets.items():
         part = slice(start, start + len(group))
         tables[title] = {name: paired_bootstrap(base[part], records[part]) for name, records in variants.items()}
         start += len(group)
     by_type = fallback_by_type(base, variants)
-    report_dir = args.report_dir or run_dir / "eval"
-    throughput = f"batch {args.batch_size}, base {throughput_of(base)}, tuned {throughput_of(variants['tuned'])}"
+    report_dir = report_dir or run_dir / "eval"
+    throughput = f"batch {generation.batch_size}, base {throughput_of(base)}, tuned {throughput_of(variants['tuned'])}"
     write_report(report_dir, base, variants, tables, by_type, classifier, throughput, label)
     print(f"report: {report_dir / 'report.md'}")
+    print_tables(tables)
+    return tables
+
+
+def print_tables(tables):
     for title, table in tables.items():
         print(title)
         for name, d in table["tuned"].items():
@@ -619,7 +496,6 @@ def evaluate(model, tokenizer, run_dir, args, items, company, label):
             print(f"  {name}: base {d['base']:.3f} -> tuned {d['tuned']:.3f} (diff {d['difference']:+.3f}, "
                   f"95% CI [{d['ci95'][0]:+.3f}, {d['ci95'][1]:+.3f}], n={d['n']})"
                   + (f"; tuned + guard {with_guard['tuned']:.3f}" if with_guard else ""))
-    return tables
 
 
 def fallback_by_type(base, variants):
@@ -638,14 +514,6 @@ def fallback_by_type(base, variants):
     return table
 
 
-def load_guard(run_dir, wanted):
-    """The run's scope guard: None with --no-guard or for a run trained without one (wanted None: use it if there)."""
-    path = Path(run_dir) / scope.GUARD_FILE if run_dir else None
-    if wanted is False or path is None or (wanted is None and not path.is_file()):
-        return None
-    return scope.ScopeGuard.load(path)
-
-
 def guarded(records, guard):
     """The records as the product answers: the guard's fixed reply where it finds the message out of scope."""
     declined = guard.out_of_scope([r["prompt"] for r in records])
@@ -653,17 +521,20 @@ def guarded(records, guard):
             if out else dict(r, guard_declined=False) for r, out in zip(records, declined)]
 
 
-def main(args=None):
-    args = args or parse_args()
-    items = load_prompts(args)
+def main():
+    args = parse_args()
+    items = prompt_items(args.prompt, args.prompts, args.run, args.split, args.limit)
     company = load_company(args.company)
+    generation = Generation(read_system_prompt(args.system_prompt_file), args.max_new_tokens, args.batch_size)
     label = args.prompt and "one prompt" or (f"{args.split} split" if args.split else shown_path(args.prompts or HELDOUT_FILE))
-    model, tokenizer, _ = load_for_inference(args)
+    model, tokenizer, _ = load_for_inference(**model_source(args))
     if args.compare:
-        evaluate(model, tokenizer, args.run, args, items, company, label)
+        judge = (args.judge_url, args.judge_model) if args.judge_url else None
+        evaluate(model, tokenizer, args.run, items, label, generation, company, guard=args.guard,
+                 with_test_split=not args.split, report_dir=args.report_dir, judge=judge)
         return
-    records = answer_with(model, tokenizer, [item["prompt"] for item in items], args)
-    guard = None if args.base_only else load_guard(args.run, args.guard)
+    records = answer_with(model, tokenizer, [item["prompt"] for item in items], generation)
+    guard = None if args.base_only else scope.load_guard(args.run, args.guard)
     records = fill_records(guarded(records, guard) if guard else records, company)
     if args.out:
         write_jsonl(args.out, records)

@@ -88,6 +88,15 @@ class ScopeGuard:
             raise UserError(f"{path} is not a scope guard file (weights, bias, threshold, reply): re-run finetune.py") from None
 
 
+def load_guard(run_dir, wanted=None):
+    """The run's scope guard: None when not wanted (--no-guard) or for a run trained without one (wanted None: use it
+    when the run has one)."""
+    path = Path(run_dir) / GUARD_FILE if run_dir else None
+    if wanted is False or path is None or (wanted is None and not path.is_file()):
+        return None
+    return ScopeGuard.load(path)
+
+
 def check_message(message):
     if not isinstance(message, str) or not message.strip():
         raise UserError("the scope guard needs a non-empty text message")

@@ -6,7 +6,7 @@
     python benchmarks/generate_bench.py --model DIR --limit 2 --batch-sizes 1,2 --max-new-tokens 4 --out /tmp/g.json
 
 The model is loaded as infer.py loads it (fp32 base on a CPU, adapter on top) and answers the held-out prompts
-with infer.generate (greedy, fixed --max-new-tokens). New tokens count up to and including each row's end-of-turn
+with models.generate (greedy, fixed --max-new-tokens). New tokens count up to and including each row's end-of-turn
 token, so a batch that keeps generating for its longest row gets no credit for the padding rows. Then the adapter
 is merged into the fp32 base (merge_and_unload) and the same prompts run again.
 """
@@ -18,9 +18,9 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-import finetune  # noqa: E402
-import infer  # noqa: E402
-from common import read_system_prompt, run_main, write_json  # noqa: E402
+import training  # noqa: E402
+from common import HELDOUT_FILE, read_jsonl, read_system_prompt, run_main, write_json  # noqa: E402
+from models import generate, load_for_inference  # noqa: E402
 
 WARMUP_TOKENS = 4
 
@@ -30,7 +30,7 @@ def parse_args(argv=None):
     model = p.add_mutually_exclusive_group(required=True)
     model.add_argument("--run", type=Path, help="a finetune.py output dir (base model + adapter)")
     model.add_argument("--model", help="a base model with a fresh untrained LoRA (for smoke tests)")
-    p.add_argument("--prompts", type=Path, default=infer.HELDOUT_FILE)
+    p.add_argument("--prompts", type=Path, default=HELDOUT_FILE)
     p.add_argument("--limit", type=int, default=16, help="first N prompts (every batch size answers the same ones)")
     p.add_argument("--batch-sizes", default="1,8,16")
     p.add_argument("--max-new-tokens", type=int, default=128)
@@ -48,21 +48,21 @@ def parse_args(argv=None):
 def load_adapter_model(args):
     """The PeftModel with an unmerged adapter, as `infer.py --run` serves it, or a base model with a fresh LoRA."""
     if args.run:
-        model, tokenizer, _ = infer.load_for_inference(infer.parse_args(["--run", str(args.run)]))
+        model, tokenizer, _ = load_for_inference(run=args.run)
         return model, tokenizer
     from peft import LoraConfig, get_peft_model
 
-    model, tokenizer, _ = infer.load_for_inference(infer.parse_args(["--base-only", "--model", args.model]))
-    lora = finetune.lora_settings(finetune.parse_args(["--model", args.model]))
+    model, tokenizer, _ = load_for_inference(base_only=True, model=args.model)
+    lora = training.lora_settings(training.RunSettings(model=args.model))
     return get_peft_model(model, LoraConfig(**lora, task_type="CAUSAL_LM")), tokenizer
 
 
 def measure(model, tokenizer, prompts, system_prompt, args, mode):
-    infer.generate(model, tokenizer, prompts[:1], system_prompt, WARMUP_TOKENS, 1)  # first-call overheads
+    generate(model, tokenizer, prompts[:1], system_prompt, WARMUP_TOKENS, 1)  # first-call overheads
     rows = []
     for batch_size in args.batch_sizes:
         started = time.perf_counter()
-        records = infer.generate(model, tokenizer, prompts, system_prompt, args.max_new_tokens, batch_size)
+        records = generate(model, tokenizer, prompts, system_prompt, args.max_new_tokens, batch_size)
         seconds = time.perf_counter() - started
         new_tokens = sum(r["new_tokens"] for r in records)
         rows.append({"mode": mode, "batch_size": batch_size, "prompts": len(records), "seconds": round(seconds, 2),
@@ -91,8 +91,7 @@ def main():
     args = parse_args()
     import torch
 
-    prompts = [item["prompt"] for item in infer.load_prompts(infer.parse_args(["--base-only", "--prompts", str(args.prompts),
-                                                                               "--limit", str(args.limit)]))]
+    prompts = [item["prompt"] for item in read_jsonl(args.prompts, needs=("prompt",))][:args.limit]
     system_prompt = read_system_prompt()
     model, tokenizer = load_adapter_model(args)
     results = measure(model, tokenizer, prompts, system_prompt, args, "adapter")

@@ -17,7 +17,7 @@ when it is imported and the baseline must run unpatched, and because peak RSS is
     unsloth-packing       TRL packing=True (best-fit-decreasing packs examples into max-length rows)
     unsloth-no-gc         no gradient checkpointing
 
-All share the data, LoRA settings, optimizer, batch size, sequence length and seed (finetune.py's functions).
+All share the data, LoRA settings, optimizer, batch size, sequence length and seed (data.py and training.py).
 Step time is the median over the steps after --warmup-steps; tokens/s is the measured steps' tokens over their time.
 Model FLOP utilisation (MFU) = 6 * N * tokens/s / matmul peak, with N the base model's parameter count (4-bit
 weights counted unpacked) and tokens the non-pad tokens; the peak is measured here with large square matmuls.
@@ -37,8 +37,10 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-import finetune  # noqa: E402  (needs the repo on sys.path; imports no ML library at module level)
-from common import CACHE_DIR, UserError, compute_dtype, has_cuda, load_model, load_tokenizer, read_system_prompt, run_main, write_json  # noqa: E402
+import data  # noqa: E402  (needs the repo on sys.path; none of these imports an ML library at module level)
+import training  # noqa: E402
+from common import UserError, building, read_system_prompt, run_main, write_json  # noqa: E402
+from models import CACHE_DIR, compute_dtype, has_cuda, load_model, load_tokenizer, resolve_model  # noqa: E402
 
 VARIANTS = {
     "unsloth": {"loader": "unsloth", "checkpointing": "unsloth"},
@@ -97,14 +99,13 @@ def parse_args(argv=None):
 
 
 def bundled_rows():
-    fargs = finetune.parse_args(["--dataset", "bundled"])
-    rows, _ = finetune.load_rows(fargs)
+    rows, _ = data.load_rows("bundled")
     return rows.drop_duplicates(["instruction", "response"]).reset_index(drop=True)  # as finetune.py does
 
 
 def bench_dataset(tokenizer, args):
-    rows = finetune.stratified_sample(bundled_rows(), args.rows, args.seed)
-    dataset, _ = finetune.encode_split(tokenizer, read_system_prompt(), rows, args.max_seq_length)
+    rows = data.stratified_sample(bundled_rows(), args.rows, args.seed)
+    dataset, _ = data.encode_split(tokenizer, read_system_prompt(), rows, args.max_seq_length)
     return dataset
 
 
@@ -113,9 +114,9 @@ def mean_row_tokens(model, args):
     tokenizer = load_tokenizer(model)
     rows = bundled_rows()
     if args.length_rows:
-        rows = finetune.stratified_sample(rows, args.length_rows, args.seed)
+        rows = data.stratified_sample(rows, args.length_rows, args.seed)
     system_prompt = read_system_prompt()
-    lengths = [len(finetune.encode_example(tokenizer, system_prompt, r.instruction, r.response)["input_ids"])
+    lengths = [len(data.encode_example(tokenizer, system_prompt, r.instruction, r.response)["input_ids"])
                for r in rows.itertuples()]
     return sum(lengths) / len(lengths), len(lengths)
 
@@ -124,31 +125,29 @@ def mean_row_tokens(model, args):
 # One variant (runs in its own process)
 
 
-def finetune_args(args):
-    """finetune.py's own defaults (learning rate, LoRA, logging) with the benchmark's sizes."""
-    return finetune.parse_args(["--model", args.model, "--batch-size", str(args.batch_size), "--grad-accum",
-                                str(args.grad_accum), "--max-seq-length", str(args.max_seq_length),
-                                "--max-steps", str(args.warmup_steps + args.steps), "--seed", str(args.seed)])
+def run_settings(args, cuda):
+    """finetune.py's own defaults (learning rate, optimizer, LoRA, logging) with the benchmark's sizes."""
+    settings = training.RunSettings(model=args.model, batch_size=args.batch_size, grad_accum=args.grad_accum,
+                                    max_seq_length=args.max_seq_length, max_steps=args.warmup_steps + args.steps, seed=args.seed)
+    return training.resolve_auto(settings, cuda)
 
 
-def load_peft_baseline(fargs, cuda):
+def load_peft_baseline(settings, cuda):
     """The textbook QLoRA recipe: bitsandbytes NF4 via transformers, peft LoRA, HF gradient checkpointing."""
     import torch
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
-    from common import compute_dtype, resolve_model
-
     dtype = compute_dtype()  # the dtype the Unsloth variants load in, so both sides compute alike
-    tokenizer = load_tokenizer(fargs.model)
+    tokenizer = load_tokenizer(settings.model)
     quantization = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
                                       bnb_4bit_compute_dtype=dtype)
-    model = AutoModelForCausalLM.from_pretrained(resolve_model(fargs.model), quantization_config=quantization, dtype=dtype,
+    model = AutoModelForCausalLM.from_pretrained(resolve_model(settings.model), quantization_config=quantization, dtype=dtype,
                                                  device_map={"": 0} if cuda else None)
     model.config.pad_token_id = tokenizer.pad_token_id
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.enable_input_require_grads()  # frozen embeddings: checkpointed blocks still need an input with grad
-    model = get_peft_model(model, LoraConfig(**finetune.lora_settings(fargs), task_type="CAUSAL_LM"))
+    model = get_peft_model(model, LoraConfig(**training.lora_settings(settings), task_type="CAUSAL_LM"))
     return model, tokenizer, dtype == torch.bfloat16 and cuda
 
 
@@ -227,18 +226,16 @@ def step_timer(cuda):
 def run_variant(args):
     import torch
 
-    from common import resolve_model
-
     spec, cuda = VARIANTS[args.variant], has_cuda()
     if cuda and args.t4_memory:
         torch.cuda.set_per_process_memory_fraction(T4_MEMORY_GB * 2**30 / torch.cuda.get_device_properties(0).total_memory)
-    fargs = finetune_args(args)
+    settings = run_settings(args, cuda)
     if spec["loader"] == "unsloth":
         model, tokenizer, _ = load_model(args.model, args.max_seq_length)  # imports Unsloth first, as finetune.py does
-        model = finetune.add_lora(model, fargs, gradient_checkpointing=spec["checkpointing"])
+        model = training.add_lora(model, settings, gradient_checkpointing=spec["checkpointing"])
         native_bf16 = compute_dtype() == torch.bfloat16
     else:
-        model, tokenizer, native_bf16 = load_peft_baseline(fargs, cuda)
+        model, tokenizer, native_bf16 = load_peft_baseline(settings, cuda)
         if not cuda:
             import trl.trainer.utils
 
@@ -246,7 +243,7 @@ def run_variant(args):
     dataset = bench_dataset(tokenizer, args)
     timer = step_timer(cuda)
     with tempfile.TemporaryDirectory() as scratch:
-        trainer = finetune.build_trainer(fargs, model, tokenizer, dataset, None, scratch, native_bf16, callbacks=[timer],
+        trainer = training.build_trainer(settings, model, tokenizer, dataset, None, scratch, native_bf16, callbacks=[timer],
                                          trl_collator=spec.get("trl_collator", False), save_strategy="no",
                                          **spec.get("config", {}))
         # Unsloth's CPU fallback switches padding_free / packing off (SDPA would attend across examples): record what ran.
@@ -273,7 +270,7 @@ def run_variant(args):
         "tokens_per_s": totals["tokens"] / seconds if seconds else None,
         "padded_tokens_per_s": totals["padded_tokens"] / seconds if seconds else None,
         "loss_tokens_per_s": totals["loss_tokens"] / seconds if seconds else None,
-        "peak_memory_gb": finetune.peak_memory_gb(cuda),
+        "peak_memory_gb": training.peak_memory_gb(cuda),
         "peak_memory_kind": "torch.cuda.max_memory_allocated" if cuda else "peak RSS (getrusage)",
     }
 
@@ -335,11 +332,9 @@ def shape_model_dir(config_path, tokenizer_dir):
     torch.manual_seed(0)
     with torch.device("cuda" if has_cuda() else "cpu"):
         model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(config_path.parent), dtype=torch.bfloat16)
-    partial = target.with_name(target.name + ".partial")
-    shutil.rmtree(partial, ignore_errors=True)
-    model.save_pretrained(partial)
-    shutil.copytree(tokenizer_dir, partial, dirs_exist_ok=True)
-    partial.rename(target)
+    with building(target) as partial:
+        model.save_pretrained(partial)
+        shutil.copytree(tokenizer_dir, partial, dirs_exist_ok=True)
     return target
 
 

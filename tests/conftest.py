@@ -34,7 +34,7 @@ def assert_user_error(result, message):
 def llama_tokenizer():
     from transformers import AutoTokenizer
 
-    from common import prepare_tokenizer
+    from models import prepare_tokenizer
 
     return prepare_tokenizer(AutoTokenizer.from_pretrained(LLAMA_TOKENIZER))
 
@@ -62,7 +62,7 @@ def tiny_llama(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def bundled_rows():
-    from finetune import BUNDLED_DATA, read_table
+    from data import BUNDLED_DATA, read_table
 
     return read_table(BUNDLED_DATA)
 

@@ -13,9 +13,10 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 
 import demo
-from common import load_company, read_system_prompt
+from common import MAX_PROMPT_CHARS, load_company, read_system_prompt
 from conftest import REPO, make_tiny_llama, run_script
-from infer import MAX_PROMPT_CHARS, load_for_inference, load_guard
+from models import load_for_inference
+from scope import load_guard
 
 QUESTION = "I wanna cancel #12345"
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
@@ -25,8 +26,7 @@ RSS_GROWTH_LIMIT_MB = 300  # a leak per request would show up as far more over 5
 
 @pytest.fixture(scope="module")
 def bot(tiny_run):
-    args = demo.parse_args(["--run", str(tiny_run)])
-    model, tokenizer, config = load_for_inference(args)
+    model, tokenizer, config = load_for_inference(run=tiny_run)
     return demo.Bot(model, tokenizer, read_system_prompt(), demo.context_size(model, config), has_adapter=True)
 
 

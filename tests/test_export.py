@@ -5,7 +5,7 @@ import shutil
 import pytest
 
 import export
-from common import TEMPLATE_DATE
+from common import SYSTEM_PROMPT_FILE
 from conftest import run_script
 
 
@@ -57,14 +57,14 @@ def test_infer_rejects_a_missing_merged_dir_and_a_non_gguf_file(tmp_path):
 def test_missing_converter_is_a_one_line_error(tiny_run, monkeypatch, tmp_path):
     monkeypatch.setattr(export, "LLAMA_CPP_DIR", tmp_path)
     with pytest.raises(export.UserError, match="run ./setup.sh"):
-        export.export_run(tiny_run, ["gguf"], export.infer.SYSTEM_PROMPT_FILE)
+        export.export_run(tiny_run, ["gguf"], SYSTEM_PROMPT_FILE)
 
 
 def test_an_export_below_its_agreement_threshold_is_an_error_and_leaves_nothing(tiny_run, tmp_path):
     run = shutil.copytree(tiny_run, tmp_path / "run", ignore=shutil.ignore_patterns("export*"))
     # no export can agree on more than all prompts: the real check runs (load, merge, answer, compare), then refuses
     with pytest.raises(export.UserError, match="below --export-min-agreement 1.01: nothing exported"):
-        export.export_run(run, ["merged"], export.infer.SYSTEM_PROMPT_FILE, check_limit=1, max_new_tokens=2,
+        export.export_run(run, ["merged"], SYSTEM_PROMPT_FILE, check_limit=1, max_new_tokens=2,
                           min_agreement=1.01)
     assert not (run / "export").exists() and not (run / "export.partial").exists()
 
@@ -74,7 +74,7 @@ def test_an_export_below_its_agreement_threshold_is_an_error_and_leaves_nothing(
 
 
 def test_ollama_templates_match_the_models_own_chat_templates(llama_tokenizer):
-    from common import load_tokenizer
+    from models import TEMPLATE_DATE, load_tokenizer
 
     system = "Be helpful."
     llama = export.ollama_template(llama_tokenizer, system)

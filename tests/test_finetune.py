@@ -1,4 +1,5 @@
-"""finetune.py: loading and validation, split, placeholders, formatting and label masking, end to end."""
+"""finetune.py and what it runs (data.py, training.py): loading and validation, split, placeholders, formatting and
+label masking, settings and config files, end to end."""
 import json
 import re
 
@@ -7,13 +8,16 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+import data
 import finetune
-from common import TEMPLATE_DATE, UserError, load_placeholder_table, load_tokenizer
+import training
+from common import PLACEHOLDER, UserError, load_placeholder_table
 from conftest import REPO, readme_command, run_script
+from models import TEMPLATE_DATE, load_tokenizer
 
 
-def args_for(*argv):
-    return finetune.parse_args(list(argv))
+def settings_for(*argv):
+    return finetune.parse_args(list(argv))[0]
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -25,15 +29,14 @@ def test_bundled_copy_has_all_intents_and_its_license(bundled_rows):
     assert list(bundled_rows.columns) == ["flags", "instruction", "category", "intent", "response"]
     assert bundled_rows["intent"].nunique() == 27 and bundled_rows["category"].nunique() == 11
     assert "CDLA-Sharing-1.0" in (REPO / "data" / "README.md").read_text()
-    assert "Community Data License Agreement" in finetune.BUNDLED_LICENSE.read_text()
+    assert "Community Data License Agreement" in data.BUNDLED_LICENSE.read_text()
 
 
 def test_other_column_names_are_mapped(tmp_path):
     path = tmp_path / "faq.jsonl"
     records = [{"question": f"q{i}", "answer": f"a{i}", "label": "x" if i % 2 else "y"} for i in range(6)]
     path.write_text("\n".join(json.dumps(r) for r in records))
-    rows, label = finetune.load_rows(args_for("--dataset", str(path), "--instruction-column", "question",
-                                              "--response-column", "answer", "--intent-column", "label"))
+    rows, label = data.load_rows(str(path), data.Columns(instruction="question", response="answer", intent="label"))
     assert label == str(path)
     assert rows.loc[0, ["instruction", "response", "intent", "category"]].tolist() == ["q0", "a0", "y", "UNKNOWN"]
 
@@ -41,7 +44,7 @@ def test_other_column_names_are_mapped(tmp_path):
 def test_bom_and_crlf_csv_load(tmp_path):
     path = tmp_path / "excel.csv"
     path.write_bytes(b"\xef\xbb\xbfinstruction,response,intent\r\nhi,hello,greet\r\nbye,ciao,greet\r\n")
-    rows, _ = finetune.load_rows(args_for("--dataset", str(path)))
+    rows, _ = data.load_rows(str(path))
     assert rows["instruction"].tolist() == ["hi", "bye"] and rows["response"].tolist() == ["hello", "ciao"]
 
 
@@ -73,12 +76,12 @@ ROWS = st.lists(st.dictionaries(st.sampled_from(["instruction", "response", "int
                                 CELL, max_size=6), max_size=5)
 
 
-def load_or_user_error(tmp_path, data, suffix):
+def load_or_user_error(tmp_path, content, suffix):
     """Loading a dataset file either works or stops with a one-line UserError; anything else is a bug."""
     path = tmp_path / f"fuzz{suffix}"
-    path.write_bytes(data)
+    path.write_bytes(content)
     try:
-        rows, _ = finetune.load_rows(args_for("--dataset", str(path)))
+        rows, _ = data.load_rows(str(path))
     except UserError as error:
         assert "\n" not in str(error)
     else:
@@ -86,28 +89,28 @@ def load_or_user_error(tmp_path, data, suffix):
 
 
 @settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(data=st.binary(max_size=400), suffix=DATASET_SUFFIXES)
-def test_fuzz_dataset_loader_with_random_bytes(tmp_path, data, suffix):
-    load_or_user_error(tmp_path, data, suffix)
+@given(content=st.binary(max_size=400), suffix=DATASET_SUFFIXES)
+def test_fuzz_dataset_loader_with_random_bytes(tmp_path, content, suffix):
+    load_or_user_error(tmp_path, content, suffix)
 
 
 @settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(rows=ROWS, suffix=st.sampled_from([".csv", ".jsonl", ".json"]))
 def test_fuzz_dataset_loader_with_structured_garbage(tmp_path, rows, suffix):
     if suffix == ".csv":
-        data = pd.DataFrame(rows).to_csv(index=False).encode()
+        content = pd.DataFrame(rows).to_csv(index=False).encode()
     elif suffix == ".jsonl":
-        data = "\n".join(json.dumps(row) for row in rows).encode()
+        content = "\n".join(json.dumps(row) for row in rows).encode()
     else:
-        data = json.dumps(rows).encode()
-    load_or_user_error(tmp_path, data, suffix)
+        content = json.dumps(rows).encode()
+    load_or_user_error(tmp_path, content, suffix)
 
 
 def test_non_text_values_are_rejected(tmp_path):
     path = tmp_path / "typed.jsonl"
     path.write_text('{"instruction": "hi", "response": 42, "intent": "greet"}\n')
-    with pytest.raises(finetune.UserError, match="must hold text.*row 1"):
-        finetune.load_rows(args_for("--dataset", str(path)))
+    with pytest.raises(UserError, match="must hold text.*row 1"):
+        data.load_rows(str(path))
 
 
 @pytest.mark.parametrize("flags, message", [
@@ -121,10 +124,16 @@ def test_bad_flags_exit_2(flags, message):
     assert result.returncode == 2 and message in result.stderr
 
 
-def test_learning_rate_default_depends_on_the_model():
-    assert args_for("--model", "smollm2").learning_rate == finetune.SMOLLM2_LEARNING_RATE == 1e-3
-    assert args_for("--model", "unsloth/Llama-3.2-3B-Instruct").learning_rate == finetune.GPU_LEARNING_RATE == 2e-4
-    assert args_for("--model", "smollm2", "--learning-rate", "5e-5").learning_rate == 5e-5
+def test_auto_settings_depend_on_the_model_and_the_device():
+    def resolved(*argv, cuda=False):
+        return training.resolve_auto(settings_for(*argv), cuda)
+
+    assert resolved("--model", "smollm2").learning_rate == training.SMOLLM2_LEARNING_RATE == 1e-3
+    assert resolved("--model", "unsloth/Llama-3.2-3B-Instruct").learning_rate == training.GPU_LEARNING_RATE == 2e-4
+    assert resolved("--model", "smollm2", "--learning-rate", "5e-5").learning_rate == 5e-5
+    cpu, gpu = resolved("--model", "smollm2"), resolved("--model", "smollm2", cuda=True)
+    assert (cpu.optim, cpu.gradient_checkpointing, gpu.optim, gpu.gradient_checkpointing) == ("adamw_torch", False, "adamw_8bit", True)
+    assert resolved("--model", "smollm2", "--optim", "adafactor", cuda=True).optim == "adafactor"
 
 
 def test_subset_larger_than_the_data_is_an_error(small_csv, tmp_path):
@@ -134,7 +143,7 @@ def test_subset_larger_than_the_data_is_an_error(small_csv, tmp_path):
 
 def test_offline_default_falls_back_to_bundled_copy(monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    rows, label = finetune.load_rows(args_for())
+    rows, label = data.load_rows(settings_for().dataset)
     assert label.startswith("bundled:") and len(rows) == 5398
 
 
@@ -143,48 +152,46 @@ def test_offline_default_falls_back_to_bundled_copy(monkeypatch):
 
 
 def test_split_is_stratified_disjoint_and_seeded(bundled_rows):
-    rows = finetune.validate_rows(bundled_rows, args_for())
-    splits = finetune.split_by_intent(rows, 0.05, 0.05, seed=42)
+    rows = data.validate_rows(bundled_rows)
+    splits = data.split_by_intent(rows, 0.05, 0.05, seed=42)
     assert sum(map(len, splits.values())) == len(rows)
     keys = {name: set(zip(s["instruction"], s["response"])) for name, s in splits.items()}
     assert not (keys["train"] & keys["val"] or keys["train"] & keys["test"] or keys["val"] & keys["test"])
     for name, split in splits.items():
         assert split["intent"].nunique() == 27, name  # every intent has >= 9 rows here
     assert 0.04 < len(splits["val"]) / len(rows) < 0.07
-    again = finetune.split_by_intent(rows, 0.05, 0.05, seed=42)
+    again = data.split_by_intent(rows, 0.05, 0.05, seed=42)
     assert again["test"].equals(splits["test"])
-    assert not finetune.split_by_intent(rows, 0.05, 0.05, seed=7)["test"].equals(splits["test"])
+    assert not data.split_by_intent(rows, 0.05, 0.05, seed=7)["test"].equals(splits["test"])
 
 
 def test_subset_and_fallback_mixing(bundled_rows):
-    args = args_for("--subset", "500", "--fallback-ratio", "0.1")
-    rows = finetune.validate_rows(bundled_rows, args)
-    splits = finetune.make_splits(rows, finetune.load_fallback(finetune.FALLBACK_FILE), args)
-    bitext = {name: s[s["intent"] != finetune.FALLBACK_INTENT] for name, s in splits.items()}
+    rows = data.validate_rows(bundled_rows)
+    splits = data.make_splits(rows, data.load_fallback(data.FALLBACK_FILE), subset=500, fallback_ratio=0.1)
+    bitext = {name: s[s["intent"] != data.FALLBACK_INTENT] for name, s in splits.items()}
     assert len(bitext["train"]) == 500 and bitext["train"]["intent"].nunique() == 27
     assert len(bitext["val"]) == len(bitext["test"]) == 28  # ceil(500 * 5 / 90)
     assert bitext["val"]["intent"].nunique() == bitext["test"]["intent"].nunique() == 27
     # balanced: an intent with fewer training rows than its share (500 / 27) gives them all, the big ones fill up
-    available = finetune.split_by_intent(rows, 0.05, 0.05, 42)["train"]["intent"].value_counts()
+    available = data.split_by_intent(rows, 0.05, 0.05, 42)["train"]["intent"].value_counts()
     counts = bitext["train"]["intent"].value_counts()
     assert all(counts[i] == min(available[i], counts.max()) or counts[i] == counts.max() - 1 for i in counts.index), counts
     assert counts["delete_account"] == available["delete_account"] and counts.max() <= 28
-    fallback = {name: set(s.loc[s["intent"] == finetune.FALLBACK_INTENT, "instruction"]) for name, s in splits.items()}
+    fallback = {name: set(s.loc[s["intent"] == data.FALLBACK_INTENT, "instruction"]) for name, s in splits.items()}
     assert len(fallback["train"]) == 56  # --fallback-ratio 0.1: 56 of 556
     assert fallback["val"] and fallback["test"]
     assert not (fallback["train"] & fallback["val"] or fallback["train"] & fallback["test"] or fallback["val"] & fallback["test"])
-    proportional = finetune.make_splits(rows, None, args_for("--subset", "500", "--subset-sampling", "proportional"))
-    assert finetune.make_splits(rows, finetune.load_fallback(finetune.FALLBACK_FILE), args_for("--subset", "500"))[
-        "train"]["intent"].ne(finetune.FALLBACK_INTENT).all()  # the default: no refusals in the model's training
+    proportional = data.make_splits(rows, subset=500, subset_sampling="proportional")
+    assert data.make_splits(rows, data.load_fallback(data.FALLBACK_FILE), subset=500)[
+        "train"]["intent"].ne(data.FALLBACK_INTENT).all()  # the default: no refusals in the model's training
     assert proportional["train"]["intent"].value_counts().iloc[0] > 80  # the 1,000-row intents dominate, as in the data
 
 
 def test_written_in_scope_examples_join_train_with_answers_of_their_intent(bundled_rows):
-    args = args_for("--subset", "500")
-    rows = finetune.validate_rows(bundled_rows, args)
-    written = finetune.load_in_scope(finetune.IN_SCOPE_FILE)
+    rows = data.validate_rows(bundled_rows)
+    written = data.load_in_scope(data.IN_SCOPE_FILE)
     assert len(written) == 216 and written["intent"].value_counts().eq(8).all()
-    splits = finetune.make_splits(rows, None, args, written)
+    splits = data.make_splits(rows, None, written, subset=500)
     added = splits["train"][splits["train"]["instruction"].isin(written["instruction"])]
     assert len(added) == 216 - 2 * round(216 * 0.15)  # the train pool; val and test pools are the guard's
     assert not splits["val"]["instruction"].isin(written["instruction"]).any()
@@ -201,7 +208,7 @@ def test_written_prompts_are_not_copies_of_held_out_prompts():
         return set(re.findall(r"[a-z0-9]+", text.lower())) - STOPWORDS
 
     heldout = [words(json.loads(line)["prompt"]) for line in (REPO / "prompts" / "heldout.jsonl").read_text().splitlines()]
-    for path in (finetune.IN_SCOPE_FILE, finetune.FALLBACK_FILE):
+    for path in (data.IN_SCOPE_FILE, data.FALLBACK_FILE):
         for line in path.read_text().splitlines():
             mine = words(json.loads(line)["instruction"])
             closest = max(len(mine & other) / max(1, len(mine | other)) for other in heldout)
@@ -211,14 +218,14 @@ def test_written_prompts_are_not_copies_of_held_out_prompts():
 def test_fixed_fallback_answers_are_the_guard_s_reply():
     import scope
 
-    written = finetune.load_fallback(finetune.FALLBACK_FILE)
-    fixed = finetune.load_fallback(finetune.FALLBACK_FILE, scope.read_fallback_reply())
+    written = data.load_fallback(data.FALLBACK_FILE)
+    fixed = data.load_fallback(data.FALLBACK_FILE, scope.read_fallback_reply())
     assert fixed["instruction"].equals(written["instruction"]) and written["response"].nunique() > 150
     assert set(fixed["response"]) == {scope.read_fallback_reply()}
 
 
 def test_fallback_file_covers_the_required_topics():
-    lines = [json.loads(line) for line in finetune.FALLBACK_FILE.read_text().splitlines()]
+    lines = [json.loads(line) for line in data.FALLBACK_FILE.read_text().splitlines()]
     topics = {line["topic"] for line in lines}
     assert len(lines) >= 60
     assert {"weather", "joke", "coding", "medical", "legal", "politics", "other_company", "chit_chat", "abuse",
@@ -233,7 +240,7 @@ def test_fallback_file_covers_the_required_topics():
 def test_generic_table_covers_every_placeholder_in_the_data(bundled_rows):
     table = load_placeholder_table()
     used = {name for text in pd.concat([bundled_rows["instruction"], bundled_rows["response"]])
-            for name in finetune.PLACEHOLDER.findall(text)}
+            for name in PLACEHOLDER.findall(text)}
     assert used <= set(table), used - set(table)
 
 
@@ -244,13 +251,13 @@ def test_generic_table_covers_every_placeholder_in_the_data(bundled_rows):
 ])
 def test_placeholder_modes(mode, expected):
     text = "Visit '{{Online Order Interaction}}' for order {{Order Number}}, or call {{Customer Support Phone Number}}."
-    assert finetune.apply_placeholders(text, mode, load_placeholder_table()) == expected
+    assert data.apply_placeholders(text, mode, load_placeholder_table()) == expected
 
 
 def test_strip_leaves_no_orphans():
     text = ('Steps:\n1. Open "{{Online Order Interaction}}" now.\n2. {{Cancel Purchase}}\n3. Done ({{Order Number}}) .\n'
             "Dear {{Salutation}} {{Client Last Name}}, thanks.")
-    stripped = finetune.strip_placeholders(text)
+    stripped = data.strip_placeholders(text)
     assert stripped == "Steps:\n1. Open now.\n3. Done.\nDear, thanks."
     assert "  " not in stripped and '""' not in stripped and "()" not in stripped
 
@@ -267,7 +274,7 @@ def test_llama_batch_labels_cover_exactly_the_answer_and_end_token(llama_tokeniz
     from transformers import DataCollatorForSeq2Seq
 
     rows = bundled_rows.sample(3, random_state=0)
-    examples = [finetune.encode_example(llama_tokenizer, "Be helpful.", r.instruction, r.response) for r in rows.itertuples()]
+    examples = [data.encode_example(llama_tokenizer, "Be helpful.", r.instruction, r.response) for r in rows.itertuples()]
     batch = DataCollatorForSeq2Seq(llama_tokenizer, padding=True, label_pad_token_id=-100)(examples)
     assert llama_tokenizer.pad_token != llama_tokenizer.eos_token == "<|eot_id|>"
     for labels, ids, row in zip(batch["labels"].tolist(), batch["input_ids"].tolist(), rows.itertuples()):
@@ -280,7 +287,7 @@ def test_llama_batch_labels_cover_exactly_the_answer_and_end_token(llama_tokeniz
 def test_smollm2_labels_cover_exactly_the_answer_and_end_token():
     tokenizer = load_tokenizer("smollm2")
     assert tokenizer.eos_token == "<|im_end|>" and tokenizer.pad_token not in (None, "<|im_end|>")
-    example = finetune.encode_example(tokenizer, "Be helpful.", "cancel order 12", "Sure.\n\n1. Open your orders.")
+    example = data.encode_example(tokenizer, "Be helpful.", "cancel order 12", "Sure.\n\n1. Open your orders.")
     assert unmasked_text(tokenizer, example["labels"]) == "Sure.\n\n1. Open your orders.<|im_end|>"
     full = tokenizer.decode(example["input_ids"])
     assert full.startswith("<|im_start|>system\nBe helpful.<|im_end|>") and "SmolLM" not in full
@@ -310,7 +317,7 @@ def test_tiny_llama_end_to_end(small_csv, tiny_llama, tmp_path):
     out = tmp_path / "run"
     result = run_script("finetune.py", "--dataset", small_csv, "--model", tiny_llama, "--output-dir", out,
                         "--max-steps", "6", "--learning-rate", "2e-3", "--logging-steps", "1", "--batch-size", "4", "--grad-accum", "1",
-                        "--eval-limit", "4", "--eval-max-new-tokens", "8")
+                        "--eval-limit", "4", "--eval-max-new-tokens", "8", "--report-to", "tensorboard")
     assert result.returncode == 0, result.stderr[-3000:]
     assert not out.with_name("run.partial").exists()
     expected = {"adapter", "train.jsonl", "val.jsonl", "test.jsonl", "manifest.json", "config.json", "metrics.json",
@@ -326,6 +333,12 @@ def test_tiny_llama_end_to_end(small_csv, tiny_llama, tmp_path):
     assert manifest["splits"]["val"]["per_intent"]["cancel_order"] == 1
     assert manifest["splits"]["train"]["rows"] == len((out / "train.jsonl").read_text().splitlines())
     assert json.loads((out / "config.json").read_text())["max_steps"] == 6
+    # --report-to tensorboard: the trainer's loss at each of the 6 steps, in an event file TensorBoard reads offline
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(next((out / "tensorboard").rglob("events.out.tfevents.*")).parent))
+    events.Reload()
+    assert [event.step for event in events.Scalars("train/loss")] == [1, 2, 3, 4, 5, 6]
     assert "CDLA-Sharing-1.0" in (out / "README.md").read_text()
     summary = json.loads((out / "eval" / "summary.json").read_text())  # finetune.py ends with the held-out comparison
     assert summary["differences"]["intent_accuracy"]["n"] == 4
@@ -378,3 +391,56 @@ def test_kill_and_resume_matches_an_uninterrupted_run(small_csv, tiny_llama, tmp
     final = {name: json.loads((path / "metrics.json").read_text()) for name, path in (("straight", tmp_path / "straight"), ("resumed", out))}
     assert final["resumed"]["steps"] == 6
     assert abs(final["resumed"]["tuned_val_loss"] - final["straight"]["tuned_val_loss"]) < 1e-3
+
+
+# ----------------------------------------------------------------------------------------------------
+# Settings: one dataclass, the command line, config files and config.json
+
+
+def test_config_json_repeats_the_run_s_settings(tiny_run):
+    recorded = json.loads((tiny_run / "config.json").read_text())
+    settings = {f for f in training.RunSettings.__dataclass_fields__}
+    assert settings | {"base_model"} == set(recorded)  # every setting, optimizer and scheduler included
+    assert (recorded["optim"], recorded["lr_scheduler_type"], recorded["weight_decay"]) == ("adamw_torch", "linear", 0.01)
+    result = run_script("finetune.py", "--config", tiny_run / "config.json", "--dry-run")
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert logged_settings(result) == recorded
+
+
+def logged_settings(result):
+    line = next(line for line in result.stdout.splitlines() if " settings: " in line)
+    return json.loads(line.split(" settings: ", 1)[1])
+
+
+def test_yaml_config_with_flags_over_it_in_both_spellings(small_csv, tiny_llama, tmp_path):
+    config = tmp_path / "run.yaml"
+    config.write_text(f"dataset: {small_csv}\nmodel: {tiny_llama}\nlearning_rate: 2e-4\nmax-steps: 3\ncompare: false\n")
+    result = run_script("finetune.py", "--config", config, "--dry-run", "--max_steps", "7", "--output-dir", tmp_path / "out")
+    assert result.returncode == 0, result.stderr[-2000:]
+    settings = logged_settings(result)
+    assert (settings["learning_rate"], settings["max_steps"], settings["compare"]) == (2e-4, 7, False)
+    assert settings["output_dir"] == str(tmp_path / "out") and settings["dataset"] == str(small_csv)
+
+
+@pytest.mark.parametrize("text, message", [
+    ("learnin_rate: 0.1\n", "unknown setting 'learnin_rate'"),
+    ("max_steps: many\n", "max_steps must be int, not 'many'"),
+    ("- a list\n", "must map setting names to values"),
+    ("lora_r: [1\n", "is not valid YAML or JSON"),
+    ("report_to: comet\n", "--report-to takes none, tensorboard, wandb, trackio"),
+])
+def test_bad_config_files_give_one_line_errors(tmp_path, text, message):
+    from conftest import assert_user_error
+
+    config = tmp_path / "bad.yaml"
+    config.write_text(text)
+    assert_user_error(run_script("finetune.py", "--config", config, "--dry-run"), message)
+
+
+def test_help_shows_every_setting_with_its_default():
+    result = run_script("finetune.py", "--help")
+    assert result.returncode == 0
+    for name, field in training.RunSettings.__dataclass_fields__.items():
+        assert f"--{name.replace('_', '-')}" in result.stdout and f"--{name}" in result.stdout
+    assert "--weight-decay WEIGHT_DECAY, --weight_decay WEIGHT_DECAY" in result.stdout
+    assert "(default: linear)" in result.stdout and "(default: none)" in result.stdout

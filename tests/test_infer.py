@@ -8,7 +8,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import infer
-from common import UserError, fill_placeholders, load_company
+from common import PROMPTS_DIR, UserError, fill_placeholders, load_company
 from conftest import assert_user_error, run_script
 
 
@@ -49,7 +49,7 @@ def test_decline_detector_agrees_with_hand_labelled_model_answers():
 
 
 def test_decline_detector_finds_the_written_fallback_answers():
-    written = [json.loads(line) for line in infer.PROMPTS_DIR.joinpath("fallback.jsonl").open()]
+    written = [json.loads(line) for line in PROMPTS_DIR.joinpath("fallback.jsonl").open()]
     declines = [r for r in written if r["topic"] not in ("chit_chat", "abuse")]  # greetings and angry customers get a reply
     found = sum(bool(infer.DECLINES.search(r["response"])) for r in declines)
     assert found / len(declines) > 0.9, found
@@ -130,7 +130,7 @@ def prompts_or_user_error(tmp_path, data):
     path = tmp_path / "fuzz.jsonl"
     path.write_bytes(data)
     try:
-        items = infer.load_prompts(infer.parse_args(["--base-only", "--prompts", str(path)]))
+        items = infer.prompt_items(prompts_file=path)
     except UserError as error:
         assert "\n" not in str(error)
     else:
@@ -284,6 +284,6 @@ def test_judge_swaps_order_and_keeps_the_key_out_of_errors(monkeypatch):
     assert judge.headers == ["Bearer secret-key"] * 2
     # tuned is better (5 vs 1); the fake's bias of 1 point towards A cancels out over the two orders
     assert tuned[0]["judge_helpfulness"] == 4.5 and base[0]["judge_helpfulness"] == 0.5
-    with pytest.raises(infer.UserError) as error:
+    with pytest.raises(UserError) as error:
         infer.judge_pairs(base, tuned, "http://127.0.0.1:9/v1", "any-model")
     assert "could not be reached" in str(error.value) and "secret-key" not in str(error.value)

