@@ -1,4 +1,4 @@
-"""benchmarks/: both scripts end to end on the tiny random Llama, at the smallest sizes that still measure a step."""
+"""benchmarks/: every script end to end on the tiny random Llama, at the smallest sizes that still measure a step."""
 import json
 
 from conftest import run_script
@@ -30,3 +30,15 @@ def test_generate_bench_adapter_and_merged(tiny_llama, tmp_path):
     assert [(r["mode"], r["batch_size"]) for r in report["results"]] == [("adapter", 1), ("adapter", 2), ("merged", 1), ("merged", 2)]
     assert all(r["new_tokens_per_s"] > 0 and r["vs_batch_1"] > 0 for r in report["results"])
     assert "× batch 1" in report["markdown"]
+
+
+def test_learning_curve_scores_each_point_on_one_fixed_set(tiny_llama, small_csv, tmp_path):
+    result = run_script("benchmarks/learning_curve.py", "16x1", "8x2", "--dataset", small_csv, "--model", tiny_llama,
+                        "--max-steps", 2, "--max-new-tokens", 4, "--out-dir", tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    points = [json.loads(line) for line in (tmp_path / "results.jsonl").read_text().splitlines()]
+    assert [(p["rows"], p["epochs"], p["steps"]) for p in points] == [(16, 1.0, 2), (8, 2.0, 2)]
+    for point in points:  # 138 held-out prompts (108 in scope, 30 out) and the 8 test rows of the 8 intents
+        assert point["in_scope_declined_heldout"]["n"] == point["intent_heldout"]["n"] == 108
+        assert point["out_of_scope_declined"]["n"] == 30 and point["intent_test"]["n"] == 8
+        assert 0 <= point["intent_heldout"]["rate"] <= 1 and point["placeholder_validity"]["n"] == 146
