@@ -56,6 +56,21 @@ def check_prompt(prompt, number):
         raise UserError(f"prompt {number} contains binary control bytes: send plain text")
 
 
+def checked_prompts(items):
+    """Prompt items (dicts with a 'prompt'), each checked; none at all is an error too."""
+    for number, item in enumerate(items, 1):
+        check_prompt(item.get("prompt"), number)
+    if not items:
+        raise UserError("no prompts to answer: the file is empty")
+    return items
+
+
+def read_prompts(path=HELDOUT_FILE, limit=None):
+    """A prompts file (JSONL, a 'prompt' on every line; the held-out set by default): its first `limit` items, checked."""
+    return checked_prompts(read_jsonl(path, needs=("prompt",), what="prompts file",
+                                      fix="pass --prompts an existing JSONL file")[:limit])
+
+
 def sha256_file(path):
     digest = hashlib.sha256()
     with open(path, "rb") as f:
@@ -122,7 +137,6 @@ def fill_placeholders(answer, company, user_message=""):
         return match.group(0)
 
     return PLACEHOLDER.sub(value, answer), unknown
-
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -15,8 +15,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from common import PLACEHOLDER, PROMPTS_DIR, REPO, UserError, building, read_jsonl, sha256_file
-from models import chat_messages, render_chat
+from common import PLACEHOLDER, PROMPTS_DIR, REPO, UserError, building, read_jsonl, read_system_prompt, sha256_file
+from models import chat_messages, load_tokenizer, render_chat
 
 log = logging.getLogger(__name__)
 
@@ -354,14 +354,14 @@ def encode_split(tokenizer, system_prompt, split, max_seq_length):
 # finetune.py --inspect: a report on the data
 
 
-def inspect_data(rows, source_label, tokenizer, system_prompt, max_seq_length, report_dir, described):
-    """Write REPORT_DIR/report.md and plots: counts, lengths, placeholders, flags, duplicates.
-
-    described: how the report names the tokenizer and system prompt (the --model and --system-prompt-file given)."""
-    stats = data_stats(rows, tokenizer, system_prompt)
+def inspect_data(rows, source_label, model, system_prompt_file, max_seq_length, report_dir):
+    """Write REPORT_DIR/report.md and plots: counts, lengths, placeholders, flags, duplicates; lengths in the tokens of
+    `model`, with the system prompt of `system_prompt_file`."""
+    stats = data_stats(rows, load_tokenizer(model), read_system_prompt(system_prompt_file))
     with building(report_dir) as partial:
         plot_data(rows, stats, max_seq_length, partial)
-        (partial / "report.md").write_text(data_report(rows, stats, source_label, max_seq_length, described), encoding="utf-8")
+        report = data_report(rows, stats, source_label, max_seq_length, model, system_prompt_file)
+        (partial / "report.md").write_text(report, encoding="utf-8")
     log.info("wrote %s: %d rows, %d intents, %d categories, %d placeholders, %d duplicates, %d over max length",
              report_dir / "report.md", len(rows), rows["intent"].nunique(), rows["category"].nunique(),
              len(stats["placeholders"]), stats["duplicates"], sum(n > max_seq_length for n in stats["rendered"]))
@@ -415,7 +415,7 @@ def plot_data(rows, stats, max_seq_length, folder):
     plt.close("all")
 
 
-def data_report(rows, stats, source_label, max_seq_length, described):
+def data_report(rows, stats, source_label, max_seq_length, model, system_prompt_file):
     lengths, rendered, placeholders = stats["lengths"], stats["rendered"], stats["placeholders"]
     too_long = sum(n > max_seq_length for n in rendered)
 
@@ -429,7 +429,7 @@ def data_report(rows, stats, source_label, max_seq_length, described):
 
 - Source: `{source_label}`
 - Rows: **{len(rows)}**; intents: **{rows['intent'].nunique()}**; categories: **{rows['category'].nunique()}**
-- Tokenizer: `{described['model']}` ({stats['tokenizer']}); rendered with `{described['system_prompt_file']}` as system prompt
+- Tokenizer: `{model}` ({stats['tokenizer']}); rendered with `{system_prompt_file}` as system prompt
 - Rendered examples longer than `--max-seq-length {max_seq_length}`: **{too_long}** (left out of training)
 - Exact duplicates (instruction and response): **{stats['duplicates']}**; repeated instructions: **{stats['duplicate_instructions']}**
 - Distinct placeholders: **{len(placeholders)}** ({int(placeholders.sum())} occurrences)

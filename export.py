@@ -17,7 +17,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from common import HELDOUT_FILE, REPO, UserError, building, read_jsonl, read_system_prompt, shown_path, write_json
+from common import HELDOUT_FILE, REPO, UserError, building, read_prompts, read_system_prompt, shown_path, write_json
 from models import (GENERATION_BATCH_SIZE, TEMPLATE_DATE, chat_messages, dtype_name, generate, load_for_inference, render_chat,
                     run_config)
 
@@ -61,7 +61,7 @@ def export_run(run, formats, system_prompt_file, check_limit=None, max_new_token
     if "gguf" in formats:
         converter()
     system_prompt = read_system_prompt(system_prompt_file)
-    prompts = [item["prompt"] for item in read_jsonl(HELDOUT_FILE, needs=("prompt",))][:check_limit]
+    prompts = [item["prompt"] for item in read_prompts(HELDOUT_FILE, check_limit)]
 
     def answer(model, tokenizer):
         return generate(model, tokenizer, prompts, system_prompt, max_new_tokens, batch_size)

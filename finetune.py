@@ -66,9 +66,8 @@ def main():
         return export_run(settings, actions.from_run)
     rows, source_label = load_data(settings)
     if actions.inspect:
-        return data.inspect_data(rows, source_label, load_tokenizer(settings.model), read_system_prompt(settings.system_prompt_file),
-                                 settings.max_seq_length, actions.report_dir,
-                                 {"model": settings.model, "system_prompt_file": settings.system_prompt_file})
+        return data.inspect_data(rows, source_label, settings.model, settings.system_prompt_file, settings.max_seq_length,
+                                 actions.report_dir)
     system_prompt = read_system_prompt(settings.system_prompt_file)
     fallback, in_scope = written_examples(settings, rows)
     splits = data.make_splits(rows, fallback, in_scope, val_ratio=settings.val_ratio, test_ratio=settings.test_ratio,

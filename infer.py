@@ -31,10 +31,11 @@ from common import (
     SYSTEM_PROMPT_FILE,
     UserError,
     building,
-    check_prompt,
+    checked_prompts,
     fill_placeholders,
     load_company,
     read_jsonl,
+    read_prompts,
     read_system_prompt,
     run_main,
     shown_path,
@@ -117,19 +118,9 @@ def parse_args(argv=None):
 def prompt_items(prompt=None, prompts_file=None, run=None, split=None, limit=None):
     """The prompts to answer: one message, a JSONL file (default: the held-out set), or a split of a run (with its
     intents and reference answers); the first `limit` of them."""
-    if prompt is not None:
-        items = [{"prompt": prompt}]
-    elif split:
-        items = split_items(run, split)
-    else:
-        items = read_jsonl(prompts_file or HELDOUT_FILE, needs=("prompt",), what="prompts file",
-                           fix="pass --prompts an existing JSONL file")
-    items = items[:limit] if limit else items
-    for number, item in enumerate(items, 1):
-        check_prompt(item.get("prompt"), number)
-    if not items:
-        raise UserError("no prompts to answer: the file is empty")
-    return items
+    if prompt is None and not split:
+        return read_prompts(prompts_file or HELDOUT_FILE, limit)
+    return checked_prompts(([{"prompt": prompt}] if prompt is not None else split_items(run, split))[:limit])
 
 
 def split_items(run, split):

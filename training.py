@@ -8,6 +8,7 @@ but importing them imports transformers before Unsloth can patch it, and loads t
 """
 import argparse
 import dataclasses
+import functools
 import importlib.util
 import json
 import logging
@@ -129,6 +130,7 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefau
     """The docstring as written, and every flag's default in --help."""
 
 
+@functools.cache
 def field_type(cls, name):
     """The field's type without `| None`: int, float, str, bool or Path."""
     kind = typing.get_type_hints(cls)[name]
@@ -247,14 +249,13 @@ def check_settings(s):
 
 def resolve_auto(settings, cuda):
     """The settings with every `auto` replaced by what this run uses, as config.json records them."""
-    gpu = "adamw_8bit" if cuda else "adamw_torch"
-    smollm2 = concrete_model(settings.model) == CPU_DEFAULT_MODEL
+    model = concrete_model(settings.model)
     return dataclasses.replace(
         settings,
-        learning_rate=settings.learning_rate or (SMOLLM2_LEARNING_RATE if smollm2 else GPU_LEARNING_RATE),
-        optim=gpu if settings.optim == "auto" else settings.optim,
+        learning_rate=settings.learning_rate or (SMOLLM2_LEARNING_RATE if model == CPU_DEFAULT_MODEL else GPU_LEARNING_RATE),
+        optim=("adamw_8bit" if cuda else "adamw_torch") if settings.optim == "auto" else settings.optim,
         gradient_checkpointing=cuda if settings.gradient_checkpointing is None else settings.gradient_checkpointing,
-        output_dir=settings.output_dir or REPO / "runs" / Path(concrete_model(settings.model)).stem.lower(),
+        output_dir=settings.output_dir or REPO / "runs" / Path(model).stem.lower(),
     )
 
 

@@ -19,7 +19,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 import training  # noqa: E402
-from common import HELDOUT_FILE, read_jsonl, read_system_prompt, run_main, write_json  # noqa: E402
+from common import HELDOUT_FILE, read_prompts, read_system_prompt, run_main, write_json  # noqa: E402
 from models import generate, load_for_inference  # noqa: E402
 
 WARMUP_TOKENS = 4
@@ -91,7 +91,7 @@ def main():
     args = parse_args()
     import torch
 
-    prompts = [item["prompt"] for item in read_jsonl(args.prompts, needs=("prompt",))][:args.limit]
+    prompts = [item["prompt"] for item in read_prompts(args.prompts, args.limit)]
     system_prompt = read_system_prompt()
     model, tokenizer = load_adapter_model(args)
     results = measure(model, tokenizer, prompts, system_prompt, args, "adapter")

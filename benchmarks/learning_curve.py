@@ -26,7 +26,7 @@ import numpy as np  # noqa: E402
 
 import data  # noqa: E402
 import infer  # noqa: E402  (its scoring functions; the answers come from running infer.py itself)
-from common import HELDOUT_FILE, PLACEHOLDER, UserError, load_company, read_jsonl, run_main, write_jsonl  # noqa: E402
+from common import PLACEHOLDER, UserError, load_company, read_jsonl, read_prompts, run_main, write_jsonl  # noqa: E402
 
 TEST_ROWS = 81  # 3 per intent
 
@@ -49,7 +49,7 @@ def parse_args(argv=None):
 
 def evaluation_set(splits, folder):
     """The held-out prompts and a balanced sample of the test split no run trains on, written to FOLDER/eval_set.jsonl."""
-    items = [dict(item, set="heldout") for item in read_jsonl(HELDOUT_FILE, needs=("prompt",))]
+    items = [dict(item, set="heldout") for item in read_prompts()]
     test = splits["test"][~splits["test"]["instruction"].isin(splits["train"]["instruction"])]
     items += [{"prompt": r.instruction, "expected_intent": r.intent, "reference": r.response, "type": "test_split", "set": "test"}
               for r in data.balanced_sample(test, TEST_ROWS, 42).itertuples()]
@@ -67,25 +67,26 @@ def run_script(command, log):
         raise UserError(f"{command[0]} failed (exit {result.returncode}): see {log}")
 
 
-def rate(records, keep, value):
-    chosen = [value(r) for r in records if keep(r)]
+def rate(records, metric):
+    """One of infer.METRICS over the records it counts."""
+    counts, value = infer.METRICS[metric]
+    chosen = [value(r) for r in records if counts(r)]
     return {"rate": round(float(np.mean(chosen)), 3) if chosen else None, "n": len(chosen)}
 
 
 def point_result(records, items, metrics):
-    inside = lambda r: r["expected_intent"] not in (None, infer.OUT_OF_SCOPE)  # noqa: E731
     heldout = [r for r, i in zip(records, items) if i["set"] == "heldout"]
     test = [r for r, i in zip(records, items) if i["set"] == "test"]
     return {
         "train_rows": metrics["train_rows"], "steps": metrics["steps"], "train_runtime_s": metrics["train_runtime_s"],
         "tuned_val_loss": round(metrics["tuned_val_loss"], 4),
-        "in_scope_declined_heldout": rate(heldout, inside, lambda r: r["fallback"]),
-        "in_scope_declined_test": rate(test, inside, lambda r: r["fallback"]),
-        "out_of_scope_declined": rate(heldout, lambda r: r["expected_intent"] == infer.OUT_OF_SCOPE, lambda r: r["fallback"]),
-        "intent_heldout": rate(heldout, inside, lambda r: r["intent_correct"]),
-        "intent_test": rate(test, inside, lambda r: r["intent_correct"]),
+        "in_scope_declined_heldout": rate(heldout, "false_fallback_rate (lower is better)"),
+        "in_scope_declined_test": rate(test, "false_fallback_rate (lower is better)"),
+        "out_of_scope_declined": rate(heldout, "out_of_scope_fallback_rate"),
+        "intent_heldout": rate(heldout, "intent_accuracy"),
+        "intent_test": rate(test, "intent_accuracy"),
         "critical_failures": sum(bool(r["critical_failures"]) for r in records),
-        "placeholder_validity": rate(records, lambda r: True, lambda r: r["placeholders_valid"]),
+        "placeholder_validity": rate(records, "placeholder_validity"),
     }
 
 
