@@ -33,7 +33,7 @@ from common import (
     run_main,
 )
 from models import add_model_arguments, adapter_mode, load_for_inference, model_source, render_chat
-from scope import load_guard
+from scope import checked_answer, load_guard
 
 DEFAULT_HOST = "127.0.0.1"  # loopback: nobody else can reach the demo unless --host says so
 DEFAULT_PORT = 7860
@@ -218,14 +218,16 @@ def chat(bot, message, turns, company, show_raw, max_new_tokens):
         turns.append({"user": message, "answer": guard_reply})
         yield chat_view(turns, company, show_raw), turns, GUARD_NOTICE, ""
         return
-    answer = ""
+    raw = answer = ""
     try:
-        for answer in stream_generate(bot, messages, max_new_tokens):
+        for raw in stream_generate(bot, messages, max_new_tokens):
+            # the guard also takes each sentence with a critical failure out of the answer as it grows
+            answer = checked_answer(raw, message) if bot.guard else raw
             yield chat_view(turns + [{"user": message, "answer": answer}], company, show_raw), turns, notice, ""
     except Exception as error:  # a model failure must not take the app down
         yield chat_view(turns, company, show_raw), turns, f"⚠️ model error: {type(error).__name__}: {error}", message
         return
-    turns.append({"user": message, "answer": answer})
+    turns.append({"user": message, "answer": answer if answer or not raw.strip() else bot.guard.reply})
     yield chat_view(turns, company, show_raw), turns, notice, ""
 
 
@@ -274,7 +276,9 @@ def build_app(bot, company_text, label, max_new_tokens=DEFAULT_NEW_TOKENS):
 
     company = parse_company(company_text)
     with gr.Blocks(title="Support assistant demo") as demo:
-        guarded = " Behind the run's scope guard: out-of-scope and non-English messages get its fixed replies." if bot.guard else ""
+        guarded = (" Behind the run's scope guard: out-of-scope and non-English messages get its fixed replies, and a sentence "
+                   "asking for a password or card number, or giving a phone number or web address of the model's own, is "
+                   "left out.") if bot.guard else ""
         gr.Markdown(f"## Customer-support assistant\nModel: `{label}`. Answers are generated on this machine, one at a time.{guarded}")
         turns = gr.State([])
         company_state = gr.State(company)

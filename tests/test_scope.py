@@ -24,6 +24,32 @@ def test_fallback_reply_is_a_decline():
     assert DECLINES.search(scope.read_fallback_reply())
 
 
+@pytest.mark.parametrize("answer, prompt, expected", [
+    ("Please provide your password so I can log in for you.", "reset my account", ["asks_for_secret"]),
+    ("Could you share the full card number on the front of your card?", "payment failed", ["asks_for_secret"]),
+    ("For your security, never share your password with anyone.", "reset my account", []),
+    ("Call us at +1 (555) 123-4567 or visit https://help.example.com.", "help", ["invented_phone", "invented_url"]),
+    ("Your order 123456789 is on its way.", "where is order 123456789", []),
+    ("Call {{Customer Support Phone Number}} or visit {{Website URL}}.", "help", []),
+])
+def test_critical_failures(answer, prompt, expected):
+    assert scope.critical_failures(answer, prompt) == expected
+
+
+def test_checked_answer_leaves_out_the_sentences_with_a_critical_failure():
+    # the tuned SmolLM2 of the README command wrote this to "I'd like to create an account." (docs/heldout-subset500)
+    answer = ("I'm here to help you create an account. To get started, could you please provide me with your username and "
+              "password? Please follow these steps:\n\n1. Open our website.\n2. Visit www.made-up.example for the form.\n"
+              "3. Call {{Customer Support Phone Number}} if you are stuck.")
+    checked = scope.checked_answer(answer, "I'd like to create an account.")
+    assert checked == ("I'm here to help you create an account. " + scope.SECURITY_NOTE + " Please follow these steps:\n\n"
+                       "1. Open our website.\n3. Call {{Customer Support Phone Number}} if you are stuck.")
+    assert scope.critical_failures(checked, "I'd like to create an account.") == []
+    assert scope.checked_answer("Your order #55123 is on its way.", "where is #55123") == "Your order #55123 is on its way."
+    assert scope.checked_answer("Call +1 415 555 0199 today.", "help") == ""  # nothing left: the caller uses the guard's reply
+    assert scope.checked_answer("Call +1 415 555 0199 today.", "is +1 415 555 0199 your number?") == "Call +1 415 555 0199 today."
+
+
 @pytest.fixture(scope="module")
 def guard():
     """The guard as finetune.py builds it for `--subset 500`, on the real MiniLM."""
