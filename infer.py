@@ -7,6 +7,8 @@
     python infer.py --base-only --model smollm2 --prompt "Where is my order?"
     python infer.py --merged runs/smollm2/export/merged --prompt "Where is my order?"   # after finetune.py --export
     python infer.py --gguf runs/smollm2/export/model-q8_0.gguf --out answers.jsonl
+    python infer.py --endpoint http://127.0.0.1:8080/v1 --prompt "Where is my order?"   # any OpenAI-compatible server
+    python infer.py --run runs/smollm2 --compare --endpoint http://127.0.0.1:8080/v1 --base-endpoint http://127.0.0.1:8081/v1
 
 Scores are automatic and offline: the intent an answer addresses (MiniLM embeddings + logistic regression
 trained on the run's training answers), out-of-scope fallback (the answer declines, by a pattern checked against
@@ -23,6 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
+import endpoint
 import scope
 from common import (
     COMPANY_FILE,
@@ -42,6 +45,7 @@ from common import (
     write_json,
     write_jsonl,
 )
+from endpoint import API_KEY_VARIABLE
 from models import (GENERATION_BATCH_SIZE, add_model_arguments, adapter_mode, generate, load_for_inference, model_source,
                     throughput_of)
 
@@ -76,6 +80,13 @@ def parse_args(argv=None):
     gen.add_argument("--max-new-tokens", type=int, default=256)
     gen.add_argument("--batch-size", type=int, default=GENERATION_BATCH_SIZE, help="prompts generated together (greedy)")
     gen.add_argument("--system-prompt-file", type=Path, default=SYSTEM_PROMPT_FILE)
+    served = p.add_argument_group("a server instead of a model in this process (OpenAI-compatible /v1/chat/completions; "
+                                  f"key from ${API_KEY_VARIABLE})")
+    served.add_argument("--endpoint", help="the tuned model's server, e.g. http://127.0.0.1:8080/v1 (llama.cpp, Ollama, vLLM, TGI)")
+    served.add_argument("--endpoint-model", default="", help="model name to ask for (default: the server's first)")
+    served.add_argument("--base-endpoint", help="with --compare: the base model's server")
+    served.add_argument("--base-endpoint-model", default="", help="model name at --base-endpoint (default: the server's first)")
+    served.add_argument("--concurrency", type=int, default=4, help="requests in flight at a time")
     out = p.add_argument_group("output")
     out.add_argument("--compare", action="store_true", help="base vs fine-tuned, with a Markdown/HTML report")
     out.add_argument("--out", type=Path, help="write one JSON record per prompt")
@@ -86,11 +97,19 @@ def parse_args(argv=None):
     judge.add_argument("--judge-model", default="gpt-4o-mini")
     args = p.parse_args(argv)
     problems = [
+        (args.endpoint and (args.merged or args.gguf or args.base_only or args.model),
+         "--endpoint answers with the server's model: drop --merged/--gguf/--base-only/--model"),
+        (args.compare and args.endpoint and not args.base_endpoint,
+         "--compare with --endpoint needs the base model's server too: add --base-endpoint URL"),
+        (args.base_endpoint and not (args.compare and args.endpoint), "--base-endpoint is for --compare --endpoint URL"),
+        (args.compare and args.endpoint and not args.run,
+         "--compare scores with the run's training answers and test split: add --run DIR (the run the server's model came from)"),
+        (args.concurrency < 1, "--concurrency must be >= 1"),
         (sum(map(bool, (args.run, args.merged, args.gguf))) > 1, "pass one of --run, --merged and --gguf"),
         ((args.merged or args.gguf) and (args.compare or args.base_only or args.model),
          "--merged and --gguf answer with that one model: drop --compare/--base-only/--model (compare with --run RUN --compare)"),
-        (not (args.run or args.base_only or args.merged or args.gguf),
-         "pass --run DIR (a finetune.py output dir), --merged DIR, --gguf FILE or --base-only --model NAME"),
+        (not (args.run or args.base_only or args.merged or args.gguf or args.endpoint),
+         "pass --run DIR (a finetune.py output dir), --merged DIR, --gguf FILE, --endpoint URL or --base-only --model NAME"),
         (args.base_only and args.compare, "--compare needs both models: drop --base-only"),
         (args.judge_url and not args.compare, "--judge-url scores base against tuned: add --compare"),
         (args.split and not args.run, "--split reads the run's split files: pass --run DIR"),
@@ -315,7 +334,7 @@ def write_report(report_dir, base, variants, tables, by_type, classifier, throug
              f"infer.DECLINES. \"tuned + guard\" is the tuned model behind the run's scope guard (RUN/guard.json), which "
              f"answers a message it finds out of scope with its fixed reply and leaves out of the model's answers each sentence "
              f"that asks for a secret or gives a phone number or web address of its own (scope.checked_answer). "
-             f"Generation: greedy, {throughput}.")
+             f"Generation: {throughput}.")
     with building(report_dir) as partial:
         plot_metrics(first, label, partial / "metrics.png")
         (partial / "report.md").write_text(markdown_report(intro, base, variants, tables, by_type), encoding="utf-8")
@@ -427,11 +446,34 @@ def compare_run(run_dir, prompts_file=HELDOUT_FILE, limit=None, system_prompt_fi
     company = load_company(company_file)
     generation = Generation(read_system_prompt(system_prompt_file), max_new_tokens, batch_size)
     model, tokenizer, _ = load_for_inference(run=run_dir)
-    return evaluate(model, tokenizer, Path(run_dir), items, shown_path(prompts_file), generation, company)
+    return evaluate(in_process(model, tokenizer, generation), Path(run_dir), items, shown_path(prompts_file), company)
 
 
-def evaluate(model, tokenizer, run_dir, items, label, generation, company, guard=None, with_test_split=True,
-             report_dir=None, judge=None):
+@dataclass
+class Answerers:
+    """Who answers a list of prompts (each a function: prompts -> generate() records), and how, for the report."""
+    base: object
+    tuned: object
+    how: str
+
+
+def in_process(model, tokenizer, generation):
+    """The base (adapter off) and tuned model of one loaded run, generating in this process."""
+    return Answerers(base=lambda prompts: answer_with(model, tokenizer, prompts, generation, use_adapter=False),
+                     tuned=lambda prompts: answer_with(model, tokenizer, prompts, generation),
+                     how=f"greedy in this process, batch {generation.batch_size}")
+
+
+def served(base, tuned, generation, concurrency):
+    """The base and tuned model behind OpenAI-compatible servers (endpoint.Endpoint)."""
+    def through(server):
+        return lambda prompts: endpoint.answers(server, prompts, generation.system_prompt, generation.max_new_tokens, concurrency)
+
+    return Answerers(base=through(base), tuned=through(tuned),
+                     how=f"greedy from servers (base {base.url}, tuned {tuned.url}), {concurrency} requests at a time")
+
+
+def evaluate(answerers, run_dir, items, label, company, guard=None, with_test_split=True, report_dir=None, judge=None):
     """Base vs tuned (and tuned + guard) on the same prompts, plus the run's test split, scored and reported.
 
     guard: use the run's scope guard (None: when the run has one); judge: (URL, model name) of an LLM judge, or None.
@@ -445,8 +487,8 @@ def evaluate(model, tokenizer, run_dir, items, label, generation, company, guard
         sets["the run's test split"] = [dict(item, type="test_split") for item in split_items(run_dir, "test")]
     everything = [item for group in sets.values() for item in group]
     prompts = [item["prompt"] for item in everything]
-    base = score(answer_with(model, tokenizer, prompts, generation, use_adapter=False), everything, classifier, inventory, company)
-    variants = {"tuned": score(answer_with(model, tokenizer, prompts, generation), everything, classifier, inventory, company)}
+    base = score(answerers.base(prompts), everything, classifier, inventory, company)
+    variants = {"tuned": score(answerers.tuned(prompts), everything, classifier, inventory, company)}
     if scope_guard:
         variants["tuned + guard"] = score(guarded(variants["tuned"], scope_guard), everything, classifier, inventory, company)
     if judge:
@@ -458,7 +500,7 @@ def evaluate(model, tokenizer, run_dir, items, label, generation, company, guard
         start += len(group)
     by_type = fallback_by_type(base, variants)
     report_dir = report_dir or run_dir / "eval"
-    throughput = f"batch {generation.batch_size}, base {throughput_of(base)}, tuned {throughput_of(variants['tuned'])}"
+    throughput = f"{answerers.how}: base {throughput_of(base)}, tuned {throughput_of(variants['tuned'])}"
     write_report(report_dir, base, variants, tables, by_type, classifier, throughput, label)
     print(f"report: {report_dir / 'report.md'}")
     print_tables(tables)
@@ -512,13 +554,19 @@ def main():
     company = load_company(args.company)
     generation = Generation(read_system_prompt(args.system_prompt_file), args.max_new_tokens, args.batch_size)
     label = args.prompt and "one prompt" or (f"{args.split} split" if args.split else shown_path(args.prompts or HELDOUT_FILE))
-    model, tokenizer, _ = load_for_inference(**model_source(args))
+    if args.endpoint:
+        tuned = endpoint.Endpoint(args.endpoint, args.endpoint_model)
+        base = endpoint.Endpoint(args.base_endpoint, args.base_endpoint_model) if args.base_endpoint else tuned
+        answerers = served(base, tuned, generation, args.concurrency)  # a base of its own only with --compare
+    else:
+        model, tokenizer, _ = load_for_inference(**model_source(args))
+        answerers = in_process(model, tokenizer, generation)  # with --base-only "tuned" is the base model alone
     if args.compare:
         judge = (args.judge_url, args.judge_model) if args.judge_url else None
-        evaluate(model, tokenizer, args.run, items, label, generation, company, guard=args.guard,
-                 with_test_split=not args.split, report_dir=args.report_dir, judge=judge)
+        evaluate(answerers, args.run, items, label, company, guard=args.guard, with_test_split=not args.split,
+                 report_dir=args.report_dir, judge=judge)
         return
-    records = answer_with(model, tokenizer, [item["prompt"] for item in items], generation)
+    records = answerers.tuned([item["prompt"] for item in items])
     guard = None if args.base_only else scope.load_guard(args.run, args.guard)
     records = fill_records(guarded(records, guard) if guard else records, company)
     if args.out:

@@ -16,13 +16,21 @@ fi
 # finetune.py --export gguf runs llama.cpp's converter (pure Python). The llama-cpp-python source package carries it:
 # only convert_hf_to_gguf.py, its conversion/ package and gguf-py/ are extracted, nothing is compiled.
 llama_cpp_python=0.3.36
+sdist=.venv/cache/llama_cpp_python-$llama_cpp_python.tar.gz
+[ -f "$sdist" ] || .venv/bin/python -m pip download -q --no-binary :all: --no-deps "llama-cpp-python==$llama_cpp_python" -d .venv/cache
 if [ "$(cat .venv/llama.cpp/VERSION 2>/dev/null)" != "$llama_cpp_python" ]; then
-  sdist=.venv/cache/llama_cpp_python-$llama_cpp_python.tar.gz
-  [ -f "$sdist" ] || .venv/bin/python -m pip download -q --no-binary :all: --no-deps "llama-cpp-python==$llama_cpp_python" -d .venv/cache
   inside=llama_cpp_python-$llama_cpp_python/vendor/llama.cpp
   rm -rf .venv/llama.cpp .venv/llama.cpp.partial && mkdir -p .venv/llama.cpp.partial
   tar xzf "$sdist" -C .venv/llama.cpp.partial --strip-components=3 --wildcards \
     "$inside/convert_hf_to_gguf.py" "$inside/conversion/*" "$inside/gguf-py/gguf/*" "$inside/LICENSE"
   echo "$llama_cpp_python" > .venv/llama.cpp.partial/VERSION
   mv .venv/llama.cpp.partial .venv/llama.cpp
+fi
+# llama.cpp itself, compiled from the same source package (about 5 minutes on 2 cores, once): the export's GGUF check
+# and q4_k_m quantizer, and the OpenAI-compatible server (.venv/bin/python -m llama_cpp.server) that infer.py
+# --endpoint talks to. Built for AVX2, not -march=native: on a CPU that lists AMX inside a VM that does not enable it,
+# a native build died with "Illegal instruction" loading a q8_0 GGUF (AMX weight repacking). llava is left out.
+if ! .venv/bin/python -c "import llama_cpp, sys; sys.exit(llama_cpp.__version__ != '$llama_cpp_python')" 2>/dev/null; then
+  CMAKE_ARGS="-DLLAVA_BUILD=OFF -DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_BMI2=ON" \
+    .venv/bin/python -m pip install -q "llama-cpp-python[server] @ file://$PWD/$sdist"
 fi

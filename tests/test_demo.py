@@ -14,7 +14,7 @@ import pytest
 
 import demo
 from common import MAX_PROMPT_CHARS, load_company, read_system_prompt
-from conftest import REPO, make_tiny_llama, run_script
+from conftest import REPO, free_port, make_tiny_llama, run_script
 from models import load_for_inference
 from scope import load_guard
 
@@ -174,12 +174,6 @@ def test_a_busy_port_fails_before_the_model_loads(tiny_run):
 
 # ----------------------------------------------------------------------------------------------------
 # The running app: a browser, then 50 users at once
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def rss_mb(pid):

@@ -1,12 +1,17 @@
-"""Export: merged weights, GGUF files and the Ollama Modelfile from the tiny model and the real SmolLM2, bad inputs."""
+"""Export: merged weights, GGUF files checked in llama.cpp and the Ollama Modelfile, from the tiny model and the real
+SmolLM2; the SmolLM2 GGUF served by llama.cpp's OpenAI-compatible server to infer.py --endpoint; bad inputs."""
 import json
 import shutil
+import subprocess
+import sys
+import time
 
 import pytest
 
 import export
 from common import SYSTEM_PROMPT_FILE
-from conftest import run_script
+from conftest import assert_user_error, free_port, llama_cpp_server, run_script
+from models import smollm2_gguf_path
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -97,20 +102,22 @@ def test_tiny_model_export_merged_and_gguf(tiny_run, tmp_path, monkeypatch):
     assert result.returncode == 0, result.stderr[-3000:]
     out = tiny_run / "export"
     assert not (tiny_run / "export.partial").exists()
-    assert {"merged", "model-f16.gguf", "model-q8_0.gguf", "Modelfile", "check.json"} <= {p.name for p in out.iterdir()}
+    assert {"merged", "model-f16.gguf", "model-q8_0.gguf", "model-q4_k_m.gguf", "Modelfile", "check.json"} <= {p.name for p in out.iterdir()}
     assert (out / "merged" / "model.safetensors").is_file() and (out / "merged" / "tokenizer.json").is_file()
     assert json.loads((out / "merged" / "generation_config.json").read_text())["eos_token_id"] == 128009  # <|eot_id|>
     check = json.loads((out / "check.json").read_text())
     assert check["prompts"] == 3 and check["merged"]["dtype"] == "float16"
     # a random tiny model has near-flat logits, so rounding may flip greedy tokens: the figure must exist, not be high
     assert 0 <= check["merged"]["agreement"] <= 1 and len(check["merged"]["differences"]) == 3 - check["merged"]["same"]
-    for name in ("model-f16.gguf", "model-q8_0.gguf"):
-        gguf = check["gguf"][name]
-        # transformers' GGUF reader splits Llama 3's "\n\n" into two tokens, so its prompt ids may differ: recorded only
+    for name in ("model-f16.gguf", "model-q8_0.gguf", "model-q4_k_m.gguf"):
+        gguf = check["gguf"][name]  # run in llama.cpp through the Llama 3 template stored in the file
+        # recorded, not asserted: for Llama 3 llama.cpp's prompt ids differed from the merged tokenizer's (not yet explained;
+        # SmolLM2's match, see the SmolLM2 test)
         assert gguf["bytes"] == (out / name).stat().st_size and gguf["same_prompt_token_ids"] in (True, False), gguf
-        assert gguf["tokenizer_pre"] == "llama-bpe" and 0 <= gguf["agreement"] <= 1
+        assert gguf["tokenizer_pre"] == "llama-bpe" and 0 <= gguf["agreement"] <= 1 and gguf["runtime"].startswith("llama.cpp")
         assert gguf["tokenizer_model"] == "gpt2" and gguf["eos_token_id"] == 128009
-    assert check["gguf"]["model-q8_0.gguf"]["bytes"] < check["gguf"]["model-f16.gguf"]["bytes"]
+    sizes = [check["gguf"][name]["bytes"] for name in ("model-f16.gguf", "model-q8_0.gguf", "model-q4_k_m.gguf")]
+    assert sizes == sorted(sizes, reverse=True), sizes
     modelfile = (out / "Modelfile").read_text()
     assert modelfile.startswith("FROM ./model-q8_0.gguf\n") and 'PARAMETER stop "<|eot_id|>"' in modelfile
     assert "customer-support assistant" in modelfile.split('SYSTEM """')[1]
@@ -125,18 +132,94 @@ def test_tiny_model_export_merged_and_gguf(tiny_run, tmp_path, monkeypatch):
     assert len(answers.read_text().splitlines()) == 2
 
 
-def test_smollm2_export_agrees_with_the_adapter(smollm2_run, tmp_path, monkeypatch):
-    monkeypatch.setenv("SUPPORT_LLM_CACHE", str(tmp_path / "cache"))  # not ~/.cache: each GGUF read back is 0.5 GB there
-    result = run_script("finetune.py", "--from-run", smollm2_run, "--export", "merged,gguf", "--export-check-limit", "3",
-                        "--eval-max-new-tokens", "16", timeout=2400)
+@pytest.fixture(scope="module")
+def smollm2_export(smollm2_run):
+    """The SmolLM2 run exported and checked on 20 held-out prompts."""
+    result = run_script("finetune.py", "--from-run", smollm2_run, "--export", "merged,gguf", "--export-check-limit", "20",
+                        "--eval-max-new-tokens", "32", timeout=2400)
     assert result.returncode == 0, result.stderr[-3000:]
-    out = smollm2_run / "export"
+    return smollm2_run / "export", result
+
+
+def test_smollm2_gguf_in_llama_cpp_agrees_with_the_merged_model(smollm2_export):
+    out, result = smollm2_export
     check = json.loads((out / "check.json").read_text())
-    assert check["merged"]["agreement"] >= 0.9, check["merged"]
-    q8 = check["gguf"]["model-q8_0.gguf"]
-    assert q8["tokenizer_model"] == "gpt2" and q8["tokenizer_pre"] == "smollm" and q8["same_prompt_token_ids"], q8
-    assert q8["eos_token_id"] == 2 and q8["agreement"] >= 0.5, q8  # <|im_end|>; 8-bit weights may change a few tokens
-    assert 'PARAMETER stop "<|im_end|>"' in (out / "Modelfile").read_text()
-    result = run_script("infer.py", "--gguf", out / "model-q8_0.gguf", "--prompt", "I wanna cancel #12345", "--max-new-tokens", "24")
-    assert result.returncode == 0, result.stderr[-2000:]
-    assert len(result.stdout.split("\n", 2)[1].strip()) > 10  # an answer, not an empty line
+    assert check["prompts"] == 20 and check["merged"]["agreement"] >= 0.9, check["merged"]
+    f16, q8 = check["gguf"]["model-f16.gguf"], check["gguf"]["model-q8_0.gguf"]
+    assert q8["tokenizer_model"] == "gpt2" and q8["tokenizer_pre"] == "smollm" and q8["eos_token_id"] == 2, q8  # <|im_end|>
+    # llama.cpp, through the ChatML template stored in the GGUF: the merged tokenizer's prompt ids; the f16 file gives the
+    # merged model's first 32 answer tokens on >= 90% of the prompts, and answers end with the end token
+    assert f16["same_prompt_token_ids"] and f16["agreement"] >= 0.9 and f16["first_tokens_compared"] == 32, f16
+    assert q8["same_prompt_token_ids"] and f16["stopped_at_end_token"] >= 0.5 and q8["stopped_at_end_token"] >= 0.5, check["gguf"]
+    for name in ("model-q8_0.gguf", "model-q4_k_m.gguf"):  # 8 and 4 bits: reported, not held to the threshold
+        assert 0 <= check["gguf"][name]["agreement"] <= 1
+    assert "model-q8_0.gguf" in result.stdout and "in llama.cpp" in result.stdout
+    modelfile = (out / "Modelfile").read_text()
+    assert 'PARAMETER stop "<|im_end|>"' in modelfile
+
+
+def test_ollama_modelfile_template_renders_the_models_own_prompt(smollm2_export):
+    """The Modelfile's Go template, rendered for one system and one user message (the constructs it uses: if .System,
+    range .Messages, if eq .Role), gives the same prompt as the model's own chat template."""
+    import re
+
+    from models import chat_messages, load_tokenizer, render_chat
+
+    out, _ = smollm2_export
+    modelfile = (out / "Modelfile").read_text()
+    template, system = re.search(r'TEMPLATE """(.*?)"""', modelfile, re.S)[1], re.search(r'SYSTEM """(.*?)"""', modelfile, re.S)[1]
+    rendered = (template.replace("{{ if .System }}", "").replace("{{ .System }}", system)
+                .replace('{{ range .Messages }}{{ if eq .Role "user" }}', "").replace("{{ .Content }}", "Where is my order?", 1))
+    rendered = rendered[:rendered.index('{{ else if eq .Role "assistant" }}')].replace("{{ end }}", "")
+    tokenizer = load_tokenizer("smollm2")
+    own = render_chat(tokenizer, chat_messages(system, "Where is my order?"), add_generation_prompt=True)
+    assert tokenizer(rendered, add_special_tokens=False)["input_ids"] == tokenizer(own, add_special_tokens=False)["input_ids"]
+
+
+def test_infer_endpoint_against_llama_cpp_servers(smollm2_export, smollm2_run, tmp_path):
+    """The exported q8_0 GGUF and the base SmolLM2 GGUF, each behind llama.cpp's OpenAI-compatible server on loopback:
+    infer.py --endpoint answers and scores through them, --compare makes the report; a dead server is one error line."""
+    out, _ = smollm2_export
+    with llama_cpp_server(out / "model-q8_0.gguf", tmp_path / "tuned.log") as tuned, \
+            llama_cpp_server(smollm2_gguf_path(), tmp_path / "base.log") as base:
+        answers = tmp_path / "answers.jsonl"
+        result = run_script("infer.py", "--endpoint", tuned, "--run", smollm2_run, "--prompts", "prompts/heldout.jsonl",
+                            "--limit", "4", "--max-new-tokens", "48", "--concurrency", "2", "--out", answers)
+        assert result.returncode == 0, result.stderr[-3000:]
+        records = [json.loads(line) for line in answers.read_text().splitlines()]
+        assert len(records) == 4 and all(r["new_tokens"] > 0 and r["filled_response"] for r in records), records
+        assert [r["prompt"] for r in records] == [json.loads(line)["prompt"] for line in open("prompts/heldout.jsonl")][:4]
+        result = run_script("infer.py", "--run", smollm2_run, "--compare", "--endpoint", tuned, "--base-endpoint", base,
+                            "--limit", "3", "--max-new-tokens", "24", "--report-dir", tmp_path / "report")
+        assert result.returncode == 0, result.stderr[-3000:]
+        summary = json.loads((tmp_path / "report" / "summary.json").read_text())
+        assert "greedy from servers" in summary["throughput"] and "the run's test split" in summary["tables"]
+        assert "intent_accuracy" in result.stdout
+    result = run_script("infer.py", "--endpoint", tuned, "--prompt", "hi")  # the server is gone now
+    assert_user_error(result, "could not be reached")
+
+
+def test_infer_endpoint_that_is_not_an_openai_server(tmp_path):
+    port = free_port()
+    web = subprocess.Popen([sys.executable, "-m", "http.server", str(port), "--bind", "127.0.0.1", "--directory", str(tmp_path)],
+                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        time.sleep(1.5)  # http.server binds at once; this is only its start-up
+        result = run_script("infer.py", "--endpoint", f"http://127.0.0.1:{port}", "--prompt", "hi")
+        assert_user_error(result, "answered HTTP 404")
+    finally:
+        web.kill()
+    assert_user_error(run_script("infer.py", "--endpoint", "localhost:8080", "--prompt", "hi"), "is not an http(s) URL")
+    assert_user_error(run_script("infer.py", "--endpoint", "http://127.0.0.1:9/v1", "--compare", "--prompt", "hi"),
+                      "add --base-endpoint URL")
+
+
+def test_serving_benchmark_smoke(smollm2_export, tmp_path):
+    """benchmarks/serving_bench.py end to end on two prompts (the figures themselves go in BENCHMARKS.md)."""
+    out, _ = smollm2_export
+    result = run_script("benchmarks/serving_bench.py", "--export", out, "--limit", 2, "--concurrency", "1,2",
+                        "--max-new-tokens", 8, "--out", tmp_path / "serving.json")
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = json.loads((tmp_path / "serving.json").read_text())["results"]
+    assert [row["prompts"] for row in rows] == [2, 2, 2] and all(row["new_tokens"] > 0 for row in rows), rows
+    assert "llama.cpp server (model-q8_0.gguf), concurrency 2" in result.stdout
