@@ -145,7 +145,8 @@ def llama_cpp_check(path, tokenizer, prompts, system_prompt, merged_answers, max
                                             max_tokens=max(max_new_tokens, STOP_CHECK_TOKENS))["choices"][0]
         text = choice["message"]["content"] or ""
         prefix = tokenizer.decode(merged["token_ids"][:PREFIX_TOKENS], skip_special_tokens=True).strip().rstrip("\ufffd")
-        if not (text.strip().startswith(prefix) if len(merged["token_ids"]) > PREFIX_TOKENS else text.strip() == prefix):
+        ended = merged["stopped_at_eos"] and len(merged["token_ids"]) <= PREFIX_TOKENS  # else llama.cpp's goes on past it
+        if not (text.strip() == prefix if ended else text.strip().startswith(prefix)):
             differences.append({"prompt": prompt, "merged": prefix, "llama.cpp": text.strip()[:len(prefix) + 20]})
         stopped += choice["finish_reason"] == "stop"
     same = len(prompts) - len(differences)
