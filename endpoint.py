@@ -7,18 +7,24 @@ TGI. infer.py --endpoint uses it; the records have the fields models.generate wr
 Greedy like everything else here (temperature 0). A key, when the server wants one, comes only from the environment
 variable ENDPOINT_API_KEY and never appears in a message.
 """
+import contextlib
 import json
 import os
+import socket
+import subprocess
+import sys
 import time
 import urllib.error
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from pathlib import Path
 
 from common import UserError
 from models import chat_messages
 
 API_KEY_VARIABLE = "ENDPOINT_API_KEY"
+SERVER_START_TIMEOUT_S = 120
 
 
 @dataclass
@@ -56,8 +62,7 @@ class Endpoint:
         """The model name to send: the one given, else the first the server lists at /v1/models."""
         if not self.model:
             with self.request("/models") as response:
-                listed = self.parse(response.read(), "a model list", lambda d: d["data"][0]["id"])
-            self.model = listed
+                self.model = self.parse(response.read(), "a model list", lambda d: d["data"][0]["id"])
         return self.model
 
     def parse(self, raw, what, pick):
@@ -100,3 +105,38 @@ def answers(endpoint, prompts, system_prompt, max_new_tokens, concurrency):
     for record in records:
         record["seconds"] = share
     return records
+
+
+def free_port():
+    """A loopback port nothing listens on now."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+@contextlib.contextmanager
+def llama_cpp_server(gguf, log):
+    """llama.cpp's OpenAI-compatible server (llama-cpp-python's, built by setup.sh) with the GGUF on a free loopback
+    port, its output in the file `log`; yields its /v1 URL once it lists its model, and stops it whatever happens."""
+    port = free_port()
+    with open(log, "w") as out:
+        server = subprocess.Popen([sys.executable, "-m", "llama_cpp.server", "--model", str(gguf), "--host", "127.0.0.1",
+                                   "--port", str(port), "--n_ctx", "4096"], stdout=out, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}/v1"
+    try:
+        started = time.time()
+        while True:
+            if server.poll() is not None:
+                last = (Path(log).read_text(errors="replace").strip().splitlines() or ["no output"])[-1]
+                raise UserError(f"llama.cpp's server exited at start ({last[:200]}): see {log}, or re-run ./setup.sh")
+            try:
+                urllib.request.urlopen(url + "/models", timeout=5).read()
+                break
+            except OSError:
+                if time.time() - started > SERVER_START_TIMEOUT_S:
+                    raise UserError(f"llama.cpp's server did not answer within {SERVER_START_TIMEOUT_S} s: see {log}") from None
+                time.sleep(0.5)
+        yield url
+    finally:
+        server.kill()
+        server.wait()

@@ -101,7 +101,7 @@ def export_run(run, formats, system_prompt_file, check_limit=None, max_new_token
 
 def export_ggufs(folder, tokenizer, prompts, system_prompt, merged_answers, max_new_tokens, min_agreement):
     """The GGUF files, each checked in llama.cpp against the merged model, and the Ollama Modelfile; their part of
-    check.json. An f16 or q8_0 file below min_agreement is an error (nothing is exported)."""
+    check.json. An f16 file (LOSSLESS_GGUFS) below min_agreement is an error (nothing is exported)."""
     check = {"gguf": {}}
     for path in write_ggufs(folder / "merged", folder):
         found = llama_cpp_check(path, tokenizer, prompts, system_prompt, merged_answers, max_new_tokens)

@@ -7,22 +7,21 @@ One run, same machine, same held-out prompts, greedy, a fixed --max-new-tokens:
 - in process: the export's merged/ checkpoint loaded as `infer.py --merged` loads it, answering with models.generate
   in batches of --batch-size (infer.py's default 16);
 - llama.cpp: `python -m llama_cpp.server` (llama-cpp-python, built by setup.sh) serving the export's q8_0 GGUF on a
-  loopback port, answered through endpoint.answers (what `infer.py --endpoint` uses) with each --concurrency.
+  loopback port (its output in OUT.server.log), answered through endpoint.answers (what `infer.py --endpoint` uses)
+  with each --concurrency.
 New tokens per second of wall time: every answer's new tokens (as each side counts them, end token included) over
 the time from the first request to the last answer. Each side first answers one prompt to warm up, not counted.
 """
 import argparse
-import subprocess
 import sys
 import time
-import urllib.request
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 import endpoint  # noqa: E402
-from common import HELDOUT_FILE, UserError, read_prompts, read_system_prompt, run_main, write_json  # noqa: E402
+from common import HELDOUT_FILE, read_prompts, read_system_prompt, run_main, write_json  # noqa: E402
 from models import GENERATION_BATCH_SIZE, generate, load_for_inference  # noqa: E402
 
 
@@ -54,42 +53,17 @@ def in_process(merged, prompts, system_prompt, max_new_tokens, batch_size):
     return measured(records, time.time() - started, f"in process (merged/, batch {batch_size})")
 
 
-def served(gguf, prompts, system_prompt, max_new_tokens, concurrencies):
-    """llama.cpp's server on a free loopback port, measured at each concurrency, stopped at the end."""
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    server = subprocess.Popen([sys.executable, "-m", "llama_cpp.server", "--model", str(gguf), "--host", "127.0.0.1",
-                               "--port", str(port), "--n_ctx", "4096"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    url = f"http://127.0.0.1:{port}/v1"
-    try:
-        wait_until_up(server, url)
-        server_endpoint = endpoint.Endpoint(url)
-        endpoint.answers(server_endpoint, prompts[:1], system_prompt, 4, 1)  # warm-up
+def served(gguf, prompts, system_prompt, max_new_tokens, concurrencies, log):
+    """llama.cpp's server with the GGUF, measured at each concurrency, stopped at the end."""
+    with endpoint.llama_cpp_server(gguf, log) as url:
+        server = endpoint.Endpoint(url)
+        endpoint.answers(server, prompts[:1], system_prompt, 4, 1)  # warm-up
         results = []
         for concurrency in concurrencies:
             started = time.time()
-            records = endpoint.answers(server_endpoint, prompts, system_prompt, max_new_tokens, concurrency)
+            records = endpoint.answers(server, prompts, system_prompt, max_new_tokens, concurrency)
             results.append(measured(records, time.time() - started, f"llama.cpp server ({gguf.name}), concurrency {concurrency}"))
         return results
-    finally:
-        server.kill()
-        server.wait()
-
-
-def wait_until_up(server, url, timeout_s=120):
-    started = time.time()
-    while time.time() - started < timeout_s:
-        if server.poll() is not None:
-            raise UserError(f"llama.cpp's server exited at start (status {server.returncode}): re-run ./setup.sh")
-        try:
-            urllib.request.urlopen(url + "/models", timeout=5).read()
-            return
-        except OSError:
-            time.sleep(0.5)
-    raise UserError(f"llama.cpp's server did not answer within {timeout_s} s")
 
 
 def measured(records, seconds, name):
@@ -103,7 +77,8 @@ def main():
     prompts = [item["prompt"] for item in read_prompts(args.prompts, args.limit)]
     system_prompt = read_system_prompt()
     rows = [in_process(args.export / "merged", prompts, system_prompt, args.max_new_tokens, args.batch_size)]
-    rows += served(args.export / args.gguf, prompts, system_prompt, args.max_new_tokens, args.concurrency)
+    rows += served(args.export / args.gguf, prompts, system_prompt, args.max_new_tokens, args.concurrency,
+                   args.out.with_suffix(".server.log"))
     for row in rows:
         row["speedup_vs_in_process"] = round(row["new_tokens_per_s"] / rows[0]["new_tokens_per_s"], 2)
     write_json(args.out, {"prompts": str(args.prompts), "limit": len(prompts), "max_new_tokens": args.max_new_tokens,

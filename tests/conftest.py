@@ -1,14 +1,10 @@
 """Shared fixtures: a tiny random Llama with the real Llama 3.2 tokenizer, small data files, a script runner."""
-import contextlib
 import os
 import re
 import shlex
 import shutil
-import socket
 import subprocess
 import sys
-import time
-import urllib.request
 from pathlib import Path
 
 import pytest
@@ -24,35 +20,6 @@ def run_script(script, *args, timeout=900, cwd=REPO):
     env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1")
     return subprocess.run([sys.executable, str(REPO / script), *map(str, args)], capture_output=True, text=True,
                           timeout=timeout, cwd=cwd, env=env)
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@contextlib.contextmanager
-def llama_cpp_server(gguf, log):
-    """llama.cpp's OpenAI-compatible server (llama-cpp-python's) on a free loopback port with the GGUF; yields its
-    /v1 URL once it lists its model, and stops it at the end whatever happens."""
-    port = free_port()
-    with open(log, "w") as out:
-        process = subprocess.Popen([sys.executable, "-m", "llama_cpp.server", "--model", str(gguf), "--host", "127.0.0.1",
-                                    "--port", str(port), "--n_ctx", "4096"], stdout=out, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}/v1"
-    try:
-        for _ in range(240):
-            assert process.poll() is None, Path(log).read_text()[-3000:]
-            try:
-                urllib.request.urlopen(url + "/models", timeout=5).read()
-                break
-            except OSError:
-                time.sleep(0.5)
-        yield url
-    finally:
-        process.kill()
-        process.wait()
 
 
 def assert_user_error(result, message):

@@ -14,7 +14,8 @@ import pytest
 
 import demo
 from common import MAX_PROMPT_CHARS, load_company, read_system_prompt
-from conftest import REPO, free_port, make_tiny_llama, run_script
+from conftest import REPO, make_tiny_llama, run_script
+from endpoint import free_port
 from models import load_for_inference
 from scope import load_guard
 

@@ -10,7 +10,8 @@ import pytest
 
 import export
 from common import SYSTEM_PROMPT_FILE
-from conftest import assert_user_error, free_port, llama_cpp_server, run_script
+from conftest import assert_user_error, run_script
+from endpoint import free_port, llama_cpp_server
 from models import smollm2_gguf_path
 
 
