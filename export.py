@@ -11,7 +11,7 @@ Writes RUN/export/ (built in RUN/export.partial/, renamed when complete):
                                      each GGUF run in llama.cpp through the chat template stored in it: its prompt ids,
                                      its first 32 answer tokens and its end token against the merged model's; sizes
 Serve a GGUF with llama.cpp's OpenAI-compatible server and evaluate it there (see README, Serving):
-    .venv/bin/python -m llama_cpp.server --model runs/smollm2/export/model-q8_0.gguf --port 8080
+    .venv/bin/python -m llama_cpp.server --model runs/smollm2/export/model-q8_0.gguf --port 8080 --n_threads $(nproc)
     .venv/bin/python infer.py --endpoint http://127.0.0.1:8080/v1 --prompts prompts/heldout.jsonl --out answers.jsonl
 """
 import json

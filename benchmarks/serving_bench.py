@@ -21,7 +21,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 import endpoint  # noqa: E402
-from common import HELDOUT_FILE, read_prompts, read_system_prompt, run_main, write_json  # noqa: E402
+from common import HELDOUT_FILE, read_prompts, read_system_prompt, run_main, shown_path, write_json  # noqa: E402
 from models import GENERATION_BATCH_SIZE, generate, load_for_inference  # noqa: E402
 
 
@@ -81,7 +81,7 @@ def main():
                    args.out.with_suffix(".server.log"))
     for row in rows:
         row["speedup_vs_in_process"] = round(row["new_tokens_per_s"] / rows[0]["new_tokens_per_s"], 2)
-    write_json(args.out, {"prompts": str(args.prompts), "limit": len(prompts), "max_new_tokens": args.max_new_tokens,
+    write_json(args.out, {"prompts": shown_path(args.prompts), "limit": len(prompts), "max_new_tokens": args.max_new_tokens,
                           "results": rows})
     print("| what | new tokens | seconds | new tokens/s | vs in process |\n|---|---:|---:|---:|---:|")
     for row in rows:
