@@ -21,8 +21,8 @@ import sys
 from pathlib import Path
 
 from common import HELDOUT_FILE, REPO, UserError, building, read_prompts, read_system_prompt, shown_path, write_json
-from models import (GENERATION_BATCH_SIZE, TEMPLATE_DATE, chat_messages, dtype_name, generate, load_for_inference, render_chat,
-                    run_config)
+from models import (GENERATION_BATCH_SIZE, TEMPLATE_DATE, chat_messages, dtype_name, generate, load_for_inference,
+                    merge_adapter, render_chat, run_config)
 
 FORMATS = ("merged", "gguf")
 LLAMA_CPP_DIR = REPO / ".venv" / "llama.cpp"  # setup.sh extracts llama.cpp's converter here
@@ -81,7 +81,7 @@ def export_run(run, formats, system_prompt_file, check_limit=None, max_new_token
         # the merged model is then the same function up to rounding, so its answers should match.
         model, tokenizer, _ = load_for_inference(run=run, base_in_4bit=False)
         adapter_answers = answer(model, tokenizer)
-        dtype = save_merged(model.merge_and_unload(), tokenizer, partial / "merged")
+        dtype = save_merged(merge_adapter(model), tokenizer, partial / "merged")
         del model
         merged_answers = answer(*load_for_inference(merged=partial / "merged")[:2])
         check = {"prompts": len(prompts), "prompt_file": shown_path(HELDOUT_FILE), "max_new_tokens": max_new_tokens,

@@ -75,8 +75,8 @@ def concrete_model(spec):
 
 
 def resolve_model(spec):
-    """Turn --model into something from_pretrained takes (a directory or a hub id), converting GGUF once."""
-    spec = concrete_model(spec)
+    """Turn --model (text or a Path) into something from_pretrained takes (a directory or a hub id), converting GGUF once."""
+    spec = str(concrete_model(spec))
     if spec == CPU_DEFAULT_MODEL:
         return str(convert_gguf_cached(smollm2_gguf_path()))
     path = Path(spec).expanduser()
@@ -91,6 +91,12 @@ def resolve_model(spec):
     if spec.count("/") != 1 or spec.startswith((".", "/")):
         raise UserError(f"--model {spec!r} is neither an existing path nor a hub id like 'org/name'")
     return spec
+
+
+def run_name(model):
+    """A run's folder name under runs/: the model's whole name in lower case, 'unsloth/Llama-3.2-3B-Instruct' ->
+    'llama-3.2-3b-instruct' (Path.stem cut it at the first dot: 'llama-3', shared with Llama 3.1 8B)."""
+    return Path(str(model)).name.removesuffix(".gguf").lower()
 
 
 def convert_gguf_cached(gguf_path):
@@ -278,34 +284,48 @@ def load_export(merged, gguf):
 
 
 def generate(model, tokenizer, prompts, system_prompt, max_new_tokens, batch_size):
-    """Greedy answers, batch_size prompts at a time; each stops at the template's end-of-turn token."""
+    """Greedy answers, batch_size prompts at a time, in the order of `prompts`; each stops at the template's end-of-turn
+    token. Prompts are batched by length (longest first), so a batch pads its prompts to similar lengths."""
     import torch
 
     from tqdm.auto import tqdm
 
     tokenizer.padding_side = "left"  # generation continues from the right end of every row
-    records = []
+    texts = [render_chat(tokenizer, chat_messages(system_prompt, p), add_generation_prompt=True) for p in prompts]
+    lengths = [len(ids) for ids in tokenizer(texts, add_special_tokens=False)["input_ids"]]
+    order = sorted(range(len(prompts)), key=lambda i: -lengths[i])
+    records = [None] * len(prompts)
     progress = tqdm(total=len(prompts), unit="prompt", desc="answering", leave=False)
-    for start in range(0, len(prompts), batch_size):
-        batch = prompts[start:start + batch_size]
-        texts = [render_chat(tokenizer, chat_messages(system_prompt, p), add_generation_prompt=True) for p in batch]
-        inputs = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(model.device)
+    for start in range(0, len(order), batch_size):
+        batch = order[start:start + batch_size]
+        inputs = tokenizer([texts[i] for i in batch], return_tensors="pt", padding=True, add_special_tokens=False).to(model.device)
         started = time.time()
         with torch.inference_mode():
             output = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False,
                                     eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
         seconds = (time.time() - started) / len(batch)
-        for prompt, row in zip(batch, output[:, inputs["input_ids"].shape[1]:].tolist()):
+        for index, row in zip(batch, output[:, inputs["input_ids"].shape[1]:].tolist()):
             stopped = tokenizer.eos_token_id in row
             new_tokens = row[: row.index(tokenizer.eos_token_id) + 1] if stopped else row
             response = tokenizer.decode(new_tokens, skip_special_tokens=True).strip()
-            records.append({"prompt": prompt, "response": response, "new_tokens": len(new_tokens), "token_ids": new_tokens,
-                            "seconds": round(seconds, 3), "stopped_at_eos": stopped})
+            records[index] = {"prompt": prompts[index], "response": response, "new_tokens": len(new_tokens),
+                              "token_ids": new_tokens, "seconds": round(seconds, 3), "stopped_at_eos": stopped}
         progress.update(len(batch))
-        progress.set_postfix_str(throughput_of(records))
+        progress.set_postfix_str(throughput_of([records[i] for i in order[:start + len(batch)]]))
     progress.close()
     tokenizer.padding_side = "right"
     return records
+
+
+def merge_adapter(model):
+    """The LoRA adapter folded into the base weights: a plain model again, for saving or serving.
+
+    The base must be in 16 or 32 bits (load it with base_in_4bit=False). Merged into 4-bit NF4 weights, the fp32 LoRA
+    delta is re-quantized (lossy) with an fp32 quant state, and Unsloth's decode then failed on an H200 with `expected
+    mat1 and mat2 to have the same dtype ... BFloat16 != float` (NOTES.md)."""
+    if any(getattr(param, "quant_state", None) is not None for param in model.parameters()):
+        raise ValueError("merge_adapter needs the base in 16 or 32 bits, not 4-bit: load it with base_in_4bit=False")
+    return model.merge_and_unload()
 
 
 def adapter_mode(model, use_adapter=True):

@@ -23,13 +23,21 @@ from pathlib import Path
 from common import REPO, SYSTEM_PROMPT_FILE, UserError
 from data import FALLBACK_FILE, HUB_DATASET, IN_SCOPE_FILE, encode_split
 from export import MIN_AGREEMENT, parse_formats
-from models import CPU_DEFAULT_MODEL, compute_dtype, concrete_model, dtype_name, has_cuda, load_model
+from models import (CPU_DEFAULT_MODEL, compute_dtype, concrete_model, dtype_name, has_cuda, load_model, resolve_model,
+                    run_name)
 
 # Unsloth's notebook rate for 1B-8B models; at 2e-4 the 65 steps of `--subset 500` left SmolLM2-135M undertrained
 # (held-out intent accuracy +0.02 over base; 1e-3 gives +0.19 with --fallback-ratio 0.1, see README).
 GPU_LEARNING_RATE, SMOLLM2_LEARNING_RATE = 2e-4, 1e-3
 DEFAULT_TARGET_MODULES = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"
 REPORT_TO = ("none", "tensorboard", "wandb", "trackio")
+# Rows per optimizer step: today's 2 x 4, which the learning rates above were chosen with. --batch-size auto splits
+# them into micro-batches as large as the memory allows; a GPU then runs them as one flattened, padding-free batch.
+ROWS_PER_STEP = 8
+CPU_BATCH_SIZE = 2  # the CPU computes row by row anyway; bigger micro-batches only pad more
+# The shape --batch-size auto assumes when it can't read the model's config (Llama 3.2 3B, the GPU default).
+LLAMA_3B_SHAPE = {"hidden_size": 3072, "intermediate_size": 8192, "num_hidden_layers": 28, "vocab_size": 128256}
+GPU_MEMORY_SHARE = 0.6  # of the memory left after the weights; the rest is headroom for fragmentation and the optimizer
 DERIVED_KEYS = ("base_model",)  # written to config.json for the record, worked out again when it is read back
 
 log = logging.getLogger("finetune")
@@ -92,8 +100,10 @@ class RunSettings:
     learning_rate: float | None = setting(None, f"auto: {GPU_LEARNING_RATE:g}, or {SMOLLM2_LEARNING_RATE:g} for the "
                                                 "CPU default SmolLM2")
     epochs: float = setting(1.0)
-    batch_size: int = setting(2)
-    grad_accum: int = setting(4)
+    batch_size: str = setting("auto", f"rows per micro-batch; auto: {CPU_BATCH_SIZE} on a CPU; on a GPU as many of the "
+                                      f"{ROWS_PER_STEP} rows of a step as its memory holds at --max-seq-length")
+    grad_accum: int | None = setting(None, f"micro-batches per optimizer step (auto: {ROWS_PER_STEP} rows per step / "
+                                           "--batch-size)")
     warmup_steps: int = setting(5)
     max_steps: int = setting(-1, "stop after N optimizer steps (-1: run the epochs)")
     optim: str = setting("auto", "any transformers optimizer name; auto: adamw_8bit on a GPU, adamw_torch on a CPU")
@@ -223,8 +233,10 @@ def check_settings(s):
         (s.learning_rate is not None and s.learning_rate <= 0, "--learning-rate must be > 0 (try 2e-4)"),
         (s.max_seq_length < 32, "--max-seq-length must be at least 32 (try 1024)"),
         (s.epochs <= 0, "--epochs must be > 0"),
-        (min(s.batch_size, s.grad_accum, s.lora_r, s.lora_alpha, s.logging_steps, s.save_steps) < 1,
-         "--batch-size, --grad-accum, --lora-r, --lora-alpha, --logging-steps and --save-steps must be >= 1"),
+        (not (s.batch_size == "auto" or str(s.batch_size).isdigit() and int(s.batch_size) >= 1),
+         f"--batch-size takes auto or a number of rows >= 1 (got {s.batch_size!r})"),
+        (min(s.grad_accum or 1, s.lora_r, s.lora_alpha, s.logging_steps, s.save_steps) < 1,
+         "--grad-accum, --lora-r, --lora-alpha, --logging-steps and --save-steps must be >= 1"),
         (not 0 <= s.lora_dropout < 1, "--lora-dropout must be in [0, 1)"),
         (s.warmup_steps < 0 or s.weight_decay < 0, "--warmup-steps and --weight-decay must be >= 0"),
         (not (0 < s.val_ratio < 0.5 and 0 < s.test_ratio < 0.5), "--val-ratio and --test-ratio must be in (0, 0.5)"),
@@ -247,16 +259,64 @@ def check_settings(s):
             raise UserError(message)
 
 
-def resolve_auto(settings, cuda):
-    """The settings with every `auto` replaced by what this run uses, as config.json records them."""
+def resolve_auto(settings, cuda, gpu_memory_bytes=None):
+    """The settings with every `auto` replaced by what this run uses, as config.json records them.
+
+    gpu_memory_bytes: the memory --batch-size auto may plan with (default: the card's; train_bench's --t4-memory caps it).
+    """
     model = concrete_model(settings.model)
+    if settings.batch_size != "auto":
+        batch_size = int(settings.batch_size)
+    elif cuda:
+        batch_size = auto_batch_size(gpu_memory_bytes or gpu_total_memory(), settings.max_seq_length, model_shape(model))
+    else:
+        batch_size = CPU_BATCH_SIZE
     return dataclasses.replace(
         settings,
+        batch_size=batch_size,
+        grad_accum=settings.grad_accum or max(1, ROWS_PER_STEP // batch_size),
         learning_rate=settings.learning_rate or (SMOLLM2_LEARNING_RATE if model == CPU_DEFAULT_MODEL else GPU_LEARNING_RATE),
         optim=("adamw_8bit" if cuda else "adamw_torch") if settings.optim == "auto" else settings.optim,
         gradient_checkpointing=cuda if settings.gradient_checkpointing is None else settings.gradient_checkpointing,
-        output_dir=settings.output_dir or REPO / "runs" / Path(model).stem.lower(),
+        output_dir=settings.output_dir or REPO / "runs" / run_name(model),
     )
+
+
+def auto_batch_size(memory_bytes, max_seq_length, shape):
+    """Rows per micro-batch on a GPU: the largest power of two up to ROWS_PER_STEP whose worst case, every row
+    max_seq_length tokens long, fits in GPU_MEMORY_SHARE of the memory the 4-bit weights leave.
+
+    Weights: NF4 blocks (half a byte a parameter) plus 16-bit embeddings and 1 GiB of CUDA context. Activations per
+    token, with Unsloth's gradient checkpointing: every layer's 16-bit input is kept (2 h L bytes) and one layer is
+    recomputed at a time (about 2 (12 h + 3 i) bytes), doubled for the backward pass. For Llama 3.2 3B that is
+    0.6 MB a token; the H200 run measured about 0.2 (2.65 GB peak at 2 x 4 rows, 3.35 GB at 16 x 1: NOTES.md), so a
+    T4 (15 GB) still takes 8 rows of 1,024 tokens with room to spare.
+    """
+    h, i, layers, vocab = (shape[k] for k in ("hidden_size", "intermediate_size", "num_hidden_layers", "vocab_size"))
+    weights = layers * (4 * h * h + 3 * h * i) / 2 + 2 * vocab * h + 2**30
+    per_token = 2 * (2 * h * layers + 2 * (12 * h + 3 * i))
+    rows = ROWS_PER_STEP
+    while rows > 1 and rows * max_seq_length * per_token > GPU_MEMORY_SHARE * (memory_bytes - weights):
+        rows //= 2
+    return rows
+
+
+def model_shape(model):
+    """hidden size, intermediate size, layers and vocabulary of the model's config; Llama 3.2 3B's when it can't be read
+    (a hub id not downloaded yet)."""
+    try:
+        from transformers import AutoConfig
+
+        config = AutoConfig.from_pretrained(resolve_model(model))
+        return {key: getattr(config, key) for key in LLAMA_3B_SHAPE}
+    except (OSError, ValueError, AttributeError, UserError):
+        return LLAMA_3B_SHAPE
+
+
+def gpu_total_memory():
+    import torch
+
+    return torch.cuda.get_device_properties(0).total_memory
 
 
 def settings_record(settings):
@@ -289,8 +349,10 @@ def train(settings, splits, work_dir, system_prompt, resume=False):
             log.info("step %d: %s", state.global_step, json.dumps(logs))
 
     trainer = build_trainer(settings, model, tokenizer, datasets["train"], datasets["val"], work_dir / "checkpoints",
-                            native_bf16=compute_dtype() == torch.bfloat16, callbacks=[LossToLog()],
+                            native_bf16=compute_dtype() == torch.bfloat16, padding_free=cuda, callbacks=[LossToLog()],
                             logging_dir=work_dir / "tensorboard")
+    log.info("micro-batches: %d rows x %d per step, %s", settings.batch_size, settings.grad_accum,
+             "padding-free" if trainer.args.padding_free else "padded")
     # LoRA's B matrices start at zero, so before training the model is exactly the base model:
     # the same code on the same val rows gives the base loss.
     base_val_loss = trainer.evaluate()["eval_loss"]
@@ -316,6 +378,7 @@ def train(settings, splits, work_dir, system_prompt, resume=False):
         "model": model_name,
         "device": torch.cuda.get_device_name() if cuda else "cpu",
         "compute_dtype": dtype_name(compute_dtype()),
+        "batch": {"rows": settings.batch_size, "grad_accum": settings.grad_accum, "padding_free": trainer.args.padding_free},
         "base_val_loss": base_val_loss,
         "tuned_val_loss": tuned_val_loss,
         "val_rows": len(datasets["val"]),
@@ -343,16 +406,17 @@ def add_lora(model, settings, gradient_checkpointing):
                                             random_state=settings.seed)
 
 
-def build_trainer(settings, model, tokenizer, train_dataset, eval_dataset, output_dir, native_bf16, callbacks=(),
-                  trl_collator=False, logging_dir=None, **config_overrides):
+def build_trainer(settings, model, tokenizer, train_dataset, eval_dataset, output_dir, native_bf16, padding_free, callbacks=(),
+                  logging_dir=None, **config_overrides):
     """TRL's SFTTrainer on the pre-tokenized answer-only examples, every SFTConfig value from the run's settings;
     benchmarks/train_bench.py reuses it.
 
-    trl_collator: let TRL collate (its padding_free / packing refuse a custom collator); the default pads each batch
-    and keeps our labels. logging_dir: where --report-to tensorboard writes (the checkpoints in output_dir are deleted
-    after training). config_overrides replace SFTConfig fields.
+    padding_free: flatten each micro-batch into one row with per-example position ids instead of padding it (TRL's
+    collator; Unsloth passes the example lengths to its attention so examples never attend to each other, which
+    tests/test_finetune.py checks on the loss). Unsloth's CPU fallback turns it off (SDPA there would cross
+    examples); train() records what ran. logging_dir: where --report-to tensorboard writes (the checkpoints in
+    output_dir are deleted after training). config_overrides replace SFTConfig fields.
     """
-    from transformers import DataCollatorForSeq2Seq
     from trl import SFTConfig, SFTTrainer
 
     cuda = has_cuda()
@@ -381,14 +445,17 @@ def build_trainer(settings, model, tokenizer, train_dataset, eval_dataset, outpu
         seed=settings.seed,
         data_seed=settings.seed,
         report_to=settings.report_to,
-        max_length=settings.max_seq_length,
+        # encode_split already left out the examples over max_seq_length; a max_length here would make Unsloth turn
+        # padding-free off ("your dataset is already tokenized and cannot be truncated here"), as it did on the H200
+        max_length=None,
+        padding_free=padding_free,
         dataset_kwargs={"skip_prepare_dataset": True},  # already tokenized, with answer-only labels
         remove_unused_columns=False,
     )
     config = SFTConfig(**dict(config_values, **config_overrides))
-    collator = None if trl_collator else DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=-100)
+    # No data_collator: TRL's pads (or flattens) and keeps our labels, and a custom one would block padding-free.
     trainer = SFTTrainer(model=model, args=config, train_dataset=train_dataset, eval_dataset=eval_dataset,
-                         processing_class=tokenizer, data_collator=collator, callbacks=list(callbacks))
+                         processing_class=tokenizer, callbacks=list(callbacks))
     if not native_bf16:
         # TRL casts QLoRA adapters to bf16; without native bf16 (CPU, T4) that made steps ~3x slower
         # here, and fp16 mixed precision needs fp32 master weights anyway.

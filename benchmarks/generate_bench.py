@@ -1,14 +1,15 @@
-"""Generation speed on CPU: batch 1 against batched, LoRA adapter (unmerged PeftModel) against merged weights.
+"""Generation speed: batch 1 against batched, LoRA adapter (unmerged PeftModel) against merged weights.
 
     python benchmarks/generate_bench.py --run runs/smollm2 --out benchmarks/results/generate_cpu.json
     python benchmarks/generate_bench.py --run runs/smollm2 --batch-sizes 1,8,16 --limit 16 --max-new-tokens 128
     # smoke test without a trained run: any base model plus a fresh (untrained) LoRA of finetune.py's shape
     python benchmarks/generate_bench.py --model DIR --limit 2 --batch-sizes 1,2 --max-new-tokens 4 --out /tmp/g.json
 
-The model is loaded as infer.py loads it (fp32 base on a CPU, adapter on top) and answers the held-out prompts
-with models.generate (greedy, fixed --max-new-tokens). New tokens count up to and including each row's end-of-turn
-token, so a batch that keeps generating for its longest row gets no credit for the padding rows. Then the adapter
-is merged into the fp32 base (merge_and_unload) and the same prompts run again.
+The model is loaded as infer.py loads it (fp32 base on a CPU, 4-bit NF4 on a GPU, adapter on top) and answers the
+held-out prompts with models.generate (greedy, fixed --max-new-tokens, batched by prompt length). New tokens count up
+to and including each row's end-of-turn token, so a batch that keeps generating for its longest row gets no credit for
+the padding rows. Then the base is loaded again in 16/32 bits (never 4-bit: models.merge_adapter), the adapter is
+merged into it, as finetune.py --export merged does, and the same prompts run again.
 """
 import argparse
 import sys
@@ -20,7 +21,7 @@ sys.path.insert(0, str(REPO))
 
 import training  # noqa: E402
 from common import HELDOUT_FILE, read_prompts, read_system_prompt, run_main, write_json  # noqa: E402
-from models import generate, load_for_inference  # noqa: E402
+from models import generate, load_for_inference, merge_adapter  # noqa: E402
 
 WARMUP_TOKENS = 4
 
@@ -45,14 +46,14 @@ def parse_args(argv=None):
     return args
 
 
-def load_adapter_model(args):
+def load_adapter_model(args, base_in_4bit=None):
     """The PeftModel with an unmerged adapter, as `infer.py --run` serves it, or a base model with a fresh LoRA."""
     if args.run:
-        model, tokenizer, _ = load_for_inference(run=args.run)
+        model, tokenizer, _ = load_for_inference(run=args.run, base_in_4bit=base_in_4bit)
         return model, tokenizer
     from peft import LoraConfig, get_peft_model
 
-    model, tokenizer, _ = load_for_inference(base_only=True, model=args.model)
+    model, tokenizer, _ = load_for_inference(base_only=True, model=args.model, base_in_4bit=base_in_4bit)
     lora = training.lora_settings(training.RunSettings(model=args.model))
     return get_peft_model(model, LoraConfig(**lora, task_type="CAUSAL_LM")), tokenizer
 
@@ -95,7 +96,8 @@ def main():
     system_prompt = read_system_prompt()
     model, tokenizer = load_adapter_model(args)
     results = measure(model, tokenizer, prompts, system_prompt, args, "adapter")
-    model = model.merge_and_unload()  # LoRA folded into the fp32 base weights: plain linear layers again
+    del model
+    model = merge_adapter(load_adapter_model(args, base_in_4bit=False)[0])  # plain 16/32-bit linear layers again
     results += measure(model, tokenizer, prompts, system_prompt, args, "merged")
     report = {"model": str(args.run or args.model), "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
               "threads": torch.get_num_threads(), "prompts": len(prompts), "max_new_tokens": args.max_new_tokens,

@@ -11,9 +11,12 @@
 Every variant runs in its own subprocess of this script (`--variant NAME`), because Unsloth patches transformers
 when it is imported and the baseline must run unpatched, and because peak RSS is per process. Variants:
 
-    unsloth               finetune.py's own path: Unsloth 4-bit QLoRA, Unsloth gradient checkpointing, padded batches
-    baseline              AutoModelForCausalLM + BitsAndBytesConfig(nf4) + peft get_peft_model, HF gradient checkpointing
-    unsloth-padding-free  TRL padding_free=True (TRL's collator flattens each batch into one row)
+    unsloth               finetune.py's own path: Unsloth 4-bit QLoRA, Unsloth gradient checkpointing, and on a GPU
+                          padding-free micro-batches (TRL's collator flattens each into one row; Unsloth keeps the
+                          examples apart); Unsloth's CPU fallback pads them
+    unsloth-padded        the same with padded micro-batches
+    baseline              AutoModelForCausalLM + BitsAndBytesConfig(nf4) + peft get_peft_model, HF gradient checkpointing,
+                          padded micro-batches
     unsloth-packing       TRL packing=True (best-fit-decreasing packs examples into max-length rows)
     unsloth-no-gc         no gradient checkpointing
 
@@ -42,16 +45,14 @@ import training  # noqa: E402
 from common import UserError, building, read_system_prompt, run_main, write_json  # noqa: E402
 from models import CACHE_DIR, compute_dtype, has_cuda, load_model, load_tokenizer, resolve_model  # noqa: E402
 
-VARIANTS = {
-    "unsloth": {"loader": "unsloth", "checkpointing": "unsloth"},
-    "baseline": {"loader": "peft", "checkpointing": True},
-    "unsloth-padding-free": {"loader": "unsloth", "checkpointing": "unsloth", "trl_collator": True,
-                             # TRL refuses max_length with padding_free; the rows are already within it
-                             "config": {"padding_free": True, "max_length": None}},
-    "unsloth-packing": {"loader": "unsloth", "checkpointing": "unsloth", "trl_collator": True,
+VARIANTS = {  # padding_free None: finetune.py's choice (on with a GPU)
+    "unsloth": {"loader": "unsloth", "checkpointing": "unsloth", "padding_free": None},
+    "unsloth-padded": {"loader": "unsloth", "checkpointing": "unsloth", "padding_free": False},
+    "baseline": {"loader": "peft", "checkpointing": True, "padding_free": False},
+    "unsloth-packing": {"loader": "unsloth", "checkpointing": "unsloth", "padding_free": False,
                         # packing happens in TRL's dataset preparation, which finetune.py skips
                         "config": {"packing": True, "dataset_kwargs": {"skip_prepare_dataset": False}}},
-    "unsloth-no-gc": {"loader": "unsloth", "checkpointing": False},
+    "unsloth-no-gc": {"loader": "unsloth", "checkpointing": False, "padding_free": None},
 }
 BASELINE = "baseline"
 BITEXT_ROWS = 26_872  # the full hub dataset; the bundled copy holds 5,398 of them
@@ -73,8 +74,8 @@ def parse_args(argv=None):
     p.add_argument("--variants", default=",".join(VARIANTS), help="comma list of: " + ", ".join(VARIANTS))
     p.add_argument("--steps", type=int, default=5, help="measured optimizer steps")
     p.add_argument("--warmup-steps", type=int, default=1, help="optimizer steps run before measuring")
-    p.add_argument("--batch-size", type=int, default=2)
-    p.add_argument("--grad-accum", type=int, default=4)
+    p.add_argument("--batch-size", default="auto", help="rows per micro-batch (auto: finetune.py's choice for this device)")
+    p.add_argument("--grad-accum", type=int, help=f"default: finetune.py's ({training.ROWS_PER_STEP} rows per step)")
     p.add_argument("--max-seq-length", type=int, default=1024)
     p.add_argument("--rows", type=int, default=512, help="Bitext rows to train on (the trainer cycles through them)")
     p.add_argument("--length-rows", type=int, help="rows for the mean example length (default: all bundled rows)")
@@ -89,8 +90,10 @@ def parse_args(argv=None):
     unknown = [v for v in args.variants if v not in VARIANTS]
     if unknown or not args.variants:
         p.exit(2, f"error: unknown variant {unknown[0] if unknown else '(none)'}: choose from {', '.join(VARIANTS)}\n")
-    if min(args.steps, args.batch_size, args.grad_accum, args.rows) < 1 or args.warmup_steps < 0:
-        p.exit(2, "error: --steps, --batch-size, --grad-accum and --rows must be >= 1, --warmup-steps >= 0\n")
+    if args.batch_size != "auto" and not (args.batch_size.isdigit() and int(args.batch_size) >= 1):
+        p.exit(2, f"error: --batch-size takes auto or a number >= 1 (got {args.batch_size!r})\n")
+    if min(args.steps, args.grad_accum or 1, args.rows) < 1 or args.warmup_steps < 0:
+        p.exit(2, "error: --steps, --grad-accum and --rows must be >= 1, --warmup-steps >= 0\n")
     return args
 
 
@@ -129,7 +132,7 @@ def run_settings(args, cuda):
     """finetune.py's own defaults (learning rate, optimizer, LoRA, logging) with the benchmark's sizes."""
     settings = training.RunSettings(model=args.model, batch_size=args.batch_size, grad_accum=args.grad_accum,
                                     max_seq_length=args.max_seq_length, max_steps=args.warmup_steps + args.steps, seed=args.seed)
-    return training.resolve_auto(settings, cuda)
+    return training.resolve_auto(settings, cuda, gpu_memory_bytes=T4_MEMORY_GB * 2**30 if args.t4_memory else None)
 
 
 def load_peft_baseline(settings, cuda):
@@ -243,22 +246,26 @@ def run_variant(args):
     dataset = bench_dataset(tokenizer, args)
     timer = step_timer(cuda)
     with tempfile.TemporaryDirectory() as scratch:
-        trainer = training.build_trainer(settings, model, tokenizer, dataset, None, scratch, native_bf16, callbacks=[timer],
-                                         trl_collator=spec.get("trl_collator", False), save_strategy="no",
-                                         **spec.get("config", {}))
+        padding_free = cuda if spec["padding_free"] is None else spec["padding_free"]
+        config = dict(spec.get("config", {}))
+        if config.get("packing"):
+            config["max_length"] = settings.max_seq_length  # the length packed rows are filled to
+        trainer = training.build_trainer(settings, model, tokenizer, dataset, None, scratch, native_bf16, padding_free,
+                                         callbacks=[timer], save_strategy="no", **config)
         # Unsloth's CPU fallback switches padding_free / packing off (SDPA would attend across examples): record what ran.
-        effective = {key: getattr(trainer.args, key) for key in spec.get("config", {}) if key in ("padding_free", "packing")}
+        requested = {"padding_free": padding_free, "packing": config.get("packing", False)}
+        effective = {key: getattr(trainer.args, key) for key in requested}
         counter = TokenCounter(trainer.data_collator)
         trainer.data_collator = counter
         trainer.train()
     durations = [b - a for a, b in zip(timer.marks, timer.marks[1:])][args.warmup_steps:]
-    accum = args.grad_accum
+    accum = settings.grad_accum
     per_step = [counter.batches[i * accum:(i + 1) * accum] for i in range(args.warmup_steps, args.warmup_steps + len(durations))]
     seconds = sum(durations)
     totals = {key: sum(b[key] for step in per_step for b in step) for key in ("tokens", "padded_tokens", "loss_tokens")}
     return {
         "variant": args.variant, "status": "ok", "model": resolve_model(args.model),
-        "requested": {k: v for k, v in spec.get("config", {}).items() if k in effective}, "effective": effective,
+        "batch_size": settings.batch_size, "grad_accum": settings.grad_accum, "requested": requested, "effective": effective,
         "device": torch.cuda.get_device_name() if cuda else "cpu", "threads": torch.get_num_threads(),
         "compute_dtype": str(next(p.dtype for p in model.parameters() if p.is_floating_point() and not p.requires_grad
                                   and getattr(p, "quant_state", None) is None)).replace("torch.", ""),
@@ -373,7 +380,8 @@ def markdown(report):
             ran = ", ".join(f"{k}={r['effective'][k]}" for k in ignored)
             notes.append(f"{r['variant']}: asked for {asked}, the trainer ran with {ran} (Unsloth's CPU fallback turns "
                          "them off: without FlashAttention the flattened examples would attend to each other).")
-        cells = [r["variant"] + (" (ignored: see note)" if ignored else ""), f"{r['step_time_s_median']:.2f}",
+        mode = " (padding-free)" if r["effective"]["padding_free"] else ""
+        cells = [r["variant"] + mode + (" (ignored: see note)" if ignored else ""), f"{r['step_time_s_median']:.2f}",
                  f"{r['tokens_per_s']:.1f}", f"{r['padded_tokens_per_s']:.1f}",
                  f"{ratio['tokens_per_s']:.2f}" if ratio else "n/a", f"{r['peak_memory_gb']:.2f}",
                  f"{ratio['peak_memory']:.2f}" if ratio else "n/a",
@@ -381,7 +389,8 @@ def markdown(report):
         lines.append("| " + " | ".join(cells) + " |")
     s = report["settings"]
     return "\n".join([
-        f"Model `{report['model']}` on {report['device']}, batch {s['batch_size']} × accumulation {s['grad_accum']}, "
+        f"Model `{report['model']}` on {report['device']}, batch {s['batch_size']} × accumulation {s['grad_accum']} "
+        f"(finetune.py's defaults unless given), "
         f"max length {s['max_seq_length']}, {s['steps']} measured steps after {s['warmup_steps']} warm-up steps.",
         f"Matmul peak (GFLOP/s): {', '.join(f'{d} {g}' for d, g in peaks.items())}. Mean example length "
         f"{report['mean_tokens_per_row']:.1f} tokens over {report['length_rows']} bundled rows; "
@@ -414,8 +423,9 @@ def main():
     ok = [r for r in results if r["status"] == "ok"]
     report = {
         "model": str(model), "device": ok[0]["device"] if ok else ("cuda" if gpu else "cpu"),
-        "settings": {k: getattr(args, k) for k in ("steps", "warmup_steps", "batch_size", "grad_accum", "max_seq_length",
-                                                   "rows", "seed", "t4_memory")},
+        "settings": dict({k: getattr(args, k) for k in ("steps", "warmup_steps", "max_seq_length", "rows", "seed", "t4_memory")},
+                         batch_size=ok[0]["batch_size"] if ok else args.batch_size,
+                         grad_accum=ok[0]["grad_accum"] if ok else args.grad_accum),
         "roofline_gflops": peaks, "mean_tokens_per_row": mean_tokens, "length_rows": length_rows,
         "base_parameters": ok[0]["base_parameters"] if ok else None,
         "mfu_formula": "6 * base_parameters * non-pad tokens/s / matmul peak FLOP/s",

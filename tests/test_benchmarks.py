@@ -3,7 +3,7 @@ import json
 
 from conftest import run_script
 
-TRAIN_VARIANTS = ["unsloth", "baseline", "unsloth-padding-free", "unsloth-packing", "unsloth-no-gc"]
+TRAIN_VARIANTS = ["unsloth", "unsloth-padded", "baseline", "unsloth-packing", "unsloth-no-gc"]
 
 
 def test_train_bench_measures_every_variant(tiny_llama, tmp_path):

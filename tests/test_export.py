@@ -79,6 +79,21 @@ def test_an_export_below_its_agreement_threshold_is_an_error_and_leaves_nothing(
 # Ollama template
 
 
+def test_an_adapter_is_merged_into_16_or_32_bit_weights_only(tiny_run):
+    """Merging into 4-bit NF4 weights re-quantizes them, and generation on an H200 then crashed (NOTES.md)."""
+    import torch
+
+    from models import load_for_inference, merge_adapter
+
+    nf4, _, _ = load_for_inference(run=tiny_run, base_in_4bit=True)
+    with pytest.raises(ValueError, match="base_in_4bit=False"):
+        merge_adapter(nf4)
+    full, _, _ = load_for_inference(run=tiny_run, base_in_4bit=False)
+    merged = merge_adapter(full)
+    assert not any("lora_" in name for name, _ in merged.named_parameters())
+    assert {param.dtype for param in merged.parameters()} == {torch.float32}
+
+
 def test_ollama_templates_match_the_models_own_chat_templates(llama_tokenizer):
     from models import TEMPLATE_DATE, load_tokenizer
 

@@ -2,6 +2,7 @@
 label masking, settings and config files, end to end."""
 import json
 import re
+from pathlib import Path
 
 import pandas as pd
 import pytest
@@ -12,8 +13,10 @@ import data
 import finetune
 import training
 from common import PLACEHOLDER, UserError, load_placeholder_table
-from conftest import REPO, readme_command, run_script
-from models import TEMPLATE_DATE, load_tokenizer
+from conftest import REPO, SHARED, readme_command, run_script
+from models import TEMPLATE_DATE, load_tokenizer, resolve_model, run_name
+
+SHAPE_3B = SHARED / "models" / "llama-3.2-3b-instruct-shape"
 
 
 def settings_for(*argv):
@@ -124,10 +127,11 @@ def test_bad_flags_exit_2(flags, message):
     assert result.returncode == 2 and message in result.stderr
 
 
-def test_auto_settings_depend_on_the_model_and_the_device():
-    def resolved(*argv, cuda=False):
-        return training.resolve_auto(settings_for(*argv), cuda)
+def resolved(*argv, cuda=False, gpu_memory=16 * 2**30):
+    return training.resolve_auto(settings_for(*argv), cuda, gpu_memory_bytes=gpu_memory if cuda else None)
 
+
+def test_auto_settings_depend_on_the_model_and_the_device():
     assert resolved("--model", "smollm2").learning_rate == training.SMOLLM2_LEARNING_RATE == 1e-3
     assert resolved("--model", "unsloth/Llama-3.2-3B-Instruct").learning_rate == training.GPU_LEARNING_RATE == 2e-4
     assert resolved("--model", "smollm2", "--learning-rate", "5e-5").learning_rate == 5e-5
@@ -260,6 +264,43 @@ def test_strip_leaves_no_orphans():
     stripped = data.strip_placeholders(text)
     assert stripped == "Steps:\n1. Open now.\n3. Done.\nDear, thanks."
     assert "  " not in stripped and '""' not in stripped and "()" not in stripped
+
+
+def test_batch_size_auto_keeps_eight_rows_a_step_and_fits_the_card():
+    llama_3b, t4, h200 = training.LLAMA_3B_SHAPE, 15 * 2**30, 141 * 10**9
+    assert training.auto_batch_size(t4, 1024, llama_3b) == training.ROWS_PER_STEP == 8
+    assert training.auto_batch_size(t4, 4096, llama_3b) == 2  # 8 rows of 4,096 tokens would not fit a T4
+    assert training.auto_batch_size(h200, 4096, llama_3b) == 8
+    assert training.auto_batch_size(4 * 2**30, 1024, llama_3b) == 1
+    assert training.model_shape(SHAPE_3B) == llama_3b  # read from the model's config.json
+    cpu = resolved("--model", "smollm2")
+    long_t4 = resolved("--model", str(SHAPE_3B), "--max-seq-length", "4096", cuda=True, gpu_memory=t4)
+    assert (cpu.batch_size, cpu.grad_accum, long_t4.batch_size, long_t4.grad_accum) == (2, 4, 2, 4)
+    assert (resolved("--model", str(SHAPE_3B), cuda=True, gpu_memory=h200).batch_size, cpu.output_dir.name) == (8, "smollm2")
+    given = resolved("--batch-size", "4"), resolved("--batch-size", "4", "--grad-accum", "3")
+    assert [(g.batch_size, g.grad_accum) for g in given] == [(4, 2), (4, 3)]
+    with pytest.raises(UserError, match="--batch-size takes auto or a number"):
+        settings_for("--batch-size", "lots")
+
+
+def test_run_dir_is_named_after_the_whole_model_id(tiny_llama):
+    assert resolved("--model", "unsloth/Llama-3.2-3B-Instruct").output_dir.name == "llama-3.2-3b-instruct"
+    assert run_name(Path("/models/SmolLM2-135M-Instruct.Q4_1.gguf")) == "smollm2-135m-instruct.q4_1"
+    assert resolve_model(Path(tiny_llama)) == str(tiny_llama)  # a Path (train_bench.py --gpu passes one) as well as text
+
+
+def test_padding_free_batch_has_the_loss_of_the_same_examples_padded(tmp_path):
+    """What a GPU trains on: TRL's collator flattens a micro-batch into one row; per-example position ids (and the
+    lengths Unsloth passes on) must keep the examples apart, so the loss is the padded batch's. benchmarks/gpu_check.py
+    runs the same check on the GPU."""
+    from benchmarks.gpu_check import padding_free_losses
+    from conftest import make_tiny_llama
+
+    folder = make_tiny_llama(tmp_path / "tiny", initializer_range=0.2)  # larger weights: attention matters more
+    losses = padding_free_losses(folder)
+    assert abs(losses["padding_free"] - losses["padded"]) < 1e-4, losses
+    assert abs(losses["padding_free_with_lengths"] - losses["padded"]) < 1e-4, losses
+    assert abs(losses["attending_across"] - losses["padded"]) > 1e-3, losses  # the check would see a broken path
 
 
 # ----------------------------------------------------------------------------------------------------
