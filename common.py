@@ -1,6 +1,7 @@
 """What every script shares: errors that say how to fix them, files written all or nothing, JSONL, the prompt files,
 and filling {{placeholders}} with a company's values. No ML library is imported here.
 """
+import argparse
 import contextlib
 import hashlib
 import json
@@ -34,6 +35,13 @@ def run_main(main):
     except KeyboardInterrupt:
         print("error: interrupted", file=sys.stderr)
         sys.exit(130)
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse's parser whose errors are a short usage line and the one line that matters, not the whole usage block."""
+
+    def error(self, message):
+        self.exit(2, f"usage: {self.prog} [options]  (see {self.prog} --help)\nerror: {message}\n")
 
 
 def read_system_prompt(path=SYSTEM_PROMPT_FILE):
@@ -95,7 +103,8 @@ def load_company(path=COMPANY_FILE):
     """The company profile: {placeholder name: value}, names from the placeholder table."""
     path = Path(path)
     if not path.is_file():
-        raise UserError(f"company profile {path} not found: pass --company with an existing YAML file")
+        problem = "is a directory" if path.is_dir() else "not found"
+        raise UserError(f"company profile {path} {problem}: pass --company a YAML file (like prompts/company.yaml)")
     try:
         text = path.read_text(encoding="utf-8")
     except UnicodeDecodeError:

@@ -56,11 +56,19 @@ def load_rows(dataset, columns=Columns()):
         source = "bundled"
     if source == "bundled":
         frame, label = read_table(BUNDLED_DATA), f"bundled:{BUNDLED_DATA.name}"
-    elif Path(source).suffix.lower() in {".csv", ".gz", ".parquet", ".jsonl", ".json"} or Path(source).exists():
+    elif Path(source).suffix.lower() in FILE_SUFFIXES or Path(source).exists():
         frame, label = read_table(Path(source)), str(source)
+    elif not HUB_ID.fullmatch(source):
+        raise UserError(f"--dataset {source!r} is neither an existing file nor a hub id like 'org/name': check the path, "
+                        "or pass 'bundled'")
     else:
         frame, label = read_hub(source), f"hub:{source}"
     return validate_rows(frame, columns), label
+
+
+# What --dataset names as a local file, found or not (a mistyped mydata.tsv is not a hub id); a hub id is org/name.
+FILE_SUFFIXES = {".csv", ".gz", ".parquet", ".jsonl", ".json", ".tsv", ".txt", ".xlsx", ".xls", ".arrow"}
+HUB_ID = re.compile(r"[\w.-]+/[\w.-]+")
 
 
 def hub_reachable():
@@ -84,6 +92,8 @@ def read_hub(dataset_id):
 
 
 def read_table(path):
+    if path.is_dir():
+        raise UserError(f"dataset {path} is a directory: pass --dataset one .csv/.parquet/.jsonl file")
     if not path.is_file():
         raise UserError(f"dataset file {path} not found: pass --dataset an existing .csv/.parquet/.jsonl file or 'bundled'")
     suffixes = "".join(path.suffixes[-2:]).lower()

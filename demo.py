@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from common import (
+    ArgumentParser,
     COMPANY_FILE,
     HELDOUT_FILE,
     SYSTEM_PROMPT_FILE,
@@ -49,7 +50,7 @@ MONO_FONTS = ["ui-monospace", "monospace"]
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_model_arguments(p)  # --run (which also enables the Compare tab), --base-only, --model, --merged, --gguf
     app = p.add_argument_group("app")
     app.add_argument("--host", default=DEFAULT_HOST, help="address to bind (default: loopback only)")

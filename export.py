@@ -20,7 +20,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from common import HELDOUT_FILE, REPO, UserError, building, read_prompts, read_system_prompt, shown_path, write_json
+from common import HELDOUT_FILE, REPO, UserError, building, read_prompts, read_system_prompt, run_main, shown_path, write_json
 from models import (GENERATION_BATCH_SIZE, TEMPLATE_DATE, chat_messages, dtype_name, generate, load_for_inference,
                     merge_adapter, render_chat, run_config)
 
@@ -288,3 +288,11 @@ def print_summary(folder, check):
               f"({gguf['agreement']:.1%}); ended with the end token within {STOP_CHECK_TOKENS}: {gguf['stopped_at_end_token']:.0%}")
     if "modelfile" in check:
         print(f"  modelfile: {check['modelfile']}")
+
+
+def main():
+    raise UserError("export.py is a module, not a command: run python finetune.py --from-run RUN --export merged,gguf")
+
+
+if __name__ == "__main__":
+    run_main(main)

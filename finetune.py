@@ -30,9 +30,10 @@ import export
 import scope
 from common import UserError, building, load_placeholder_table, read_system_prompt, run_main, write_json
 from models import has_cuda, load_tokenizer
-from training import parse_settings, resolve_auto, setting, settings_record, train
+from training import check_target_modules, parse_settings, resolve_auto, setting, settings_record, train
 
 log = logging.getLogger("finetune")
+MIN_ROWS, FEW_ROWS = 10, 50  # fewer than MIN_ROWS: an error; fewer than FEW_ROWS: a warning
 
 
 @dataclass
@@ -75,6 +76,7 @@ def main():
                               fallback_ratio=settings.fallback_ratio)
     log.info("splits: %s", ", ".join(f"{name} {len(split)}" for name, split in splits.items()))
     settings = resolve_auto(settings, has_cuda())
+    check_target_modules(settings)
     if actions.dry_run:
         return dry_run(settings, splits, system_prompt)
 
@@ -111,6 +113,13 @@ def load_data(settings):
     before = len(rows)
     rows = rows.drop_duplicates(["instruction", "response"]).reset_index(drop=True)
     log.info("loaded %d rows from %s (%d exact duplicates dropped)", len(rows), source_label, before - len(rows))
+    intents = rows["intent"].nunique()
+    if len(rows) < MIN_ROWS:
+        raise UserError(f"{source_label} has {len(rows)} distinct rows: a run needs at least {MIN_ROWS} (train, val and "
+                        f"test each take some), and {FEW_ROWS} or more to learn anything")
+    if len(rows) < FEW_ROWS or len(rows) < 3 * intents:
+        log.warning("WARNING: only %d rows for %d intents: too few to learn from or to measure (aim for %d+ rows, "
+                    "several per intent)", len(rows), intents, FEW_ROWS)
     table = load_placeholder_table()
     for column in ("instruction", "response"):
         rows[column] = rows[column].map(lambda text: data.apply_placeholders(text, settings.placeholders, table))

@@ -28,6 +28,7 @@ import numpy as np
 import endpoint
 import scope
 from common import (
+    ArgumentParser,
     COMPANY_FILE,
     HELDOUT_FILE,
     PLACEHOLDER,
@@ -68,7 +69,7 @@ DECLINES = re.compile(
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     what = p.add_argument_group("prompts (one of)")
     source = what.add_mutually_exclusive_group()
     source.add_argument("--prompt", help="answer one message and print it")

@@ -102,6 +102,9 @@ def run_name(model):
 def convert_gguf_cached(gguf_path):
     """Dequantize a GGUF model to a safetensors directory once (about 20 s), then reuse it."""
     gguf_path = Path(gguf_path).resolve()
+    with open(gguf_path, "rb") as f:
+        if f.read(4) != b"GGUF":
+            raise UserError(f"{gguf_path} is not a GGUF file (it does not start with 'GGUF'): pass a .gguf model file")
     stat = gguf_path.stat()
     key = hashlib.sha256(f"{gguf_path}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:12]
     target = CACHE_DIR / "gguf" / f"{gguf_path.stem}-{key}"
@@ -171,9 +174,35 @@ def prepare_tokenizer(tokenizer):
 
 
 def load_tokenizer(model_spec):
+    name = resolve_model(model_spec)
     from transformers import AutoTokenizer
 
-    return prepare_tokenizer(AutoTokenizer.from_pretrained(resolve_model(model_spec)))
+    try:
+        return prepare_tokenizer(AutoTokenizer.from_pretrained(name))
+    except (OSError, ValueError) as error:
+        raise cannot_load(name, error) from None
+
+
+def cannot_load(name, error):
+    return UserError(f"cannot load model {name!r}: {str(error).strip().splitlines()[0][:200]} (a typo, or offline? "
+                     "the offline default is --model smollm2)")
+
+
+def linear_layer_names(model_spec):
+    """The names of the model's linear layers (q_proj, ..., lm_head), from its config alone: built on the meta device."""
+    name = resolve_model(model_spec)
+    import unsloth  # noqa: F401  (before transformers, which the training later in this process needs patched)
+    import torch
+    from accelerate import init_empty_weights
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    try:
+        config = AutoConfig.from_pretrained(name)
+    except (OSError, ValueError) as error:
+        raise cannot_load(name, error) from None
+    with init_empty_weights():
+        model = AutoModelForCausalLM.from_config(config)
+    return {path.rsplit(".", 1)[-1] for path, module in model.named_modules() if isinstance(module, torch.nn.Linear)}
 
 
 def load_model(model_spec, max_seq_length, load_in_4bit=True):
@@ -187,7 +216,7 @@ def load_model(model_spec, max_seq_length, load_in_4bit=True):
             model_name=name, max_seq_length=max_seq_length, dtype=compute_dtype(), load_in_4bit=load_in_4bit
         )
     except OSError as error:
-        raise UserError(f"cannot load model {name!r}: {str(error).splitlines()[0]} (offline? pass --model smollm2)") from None
+        raise cannot_load(name, error) from None
     tokenizer = prepare_tokenizer(tokenizer)
     model.config.pad_token_id = tokenizer.pad_token_id
     model.generation_config.pad_token_id = tokenizer.pad_token_id

@@ -20,11 +20,11 @@ import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from common import REPO, SYSTEM_PROMPT_FILE, UserError
+from common import REPO, SYSTEM_PROMPT_FILE, ArgumentParser, UserError
 from data import FALLBACK_FILE, HUB_DATASET, IN_SCOPE_FILE, encode_split
 from export import MIN_AGREEMENT, parse_formats
-from models import (CPU_DEFAULT_MODEL, compute_dtype, concrete_model, dtype_name, has_cuda, load_model, resolve_model,
-                    run_name)
+from models import (CPU_DEFAULT_MODEL, compute_dtype, concrete_model, dtype_name, has_cuda, linear_layer_names, load_model,
+                    resolve_model, run_name)
 
 # Unsloth's notebook rate for 1B-8B models; at 2e-4 the 65 steps of `--subset 500` left SmolLM2-135M undertrained
 # (held-out intent accuracy +0.02 over base; 1e-3 gives +0.19 with --fallback-ratio 0.1, see README).
@@ -167,7 +167,7 @@ def add_settings_flags(parser, cls):
 
 def parse_settings(argv, description, actions_cls):
     """(RunSettings, actions_cls instance) from the command line and the --config file it names."""
-    parser = argparse.ArgumentParser(description=description, formatter_class=HelpFormatter)
+    parser = ArgumentParser(description=description, formatter_class=HelpFormatter)
     parser.add_argument("--config", type=Path, help="a YAML or JSON file of settings (RUN/config.json repeats a run); "
                                                     "flags given with it override the file")
     add_settings_flags(parser, RunSettings)
@@ -233,6 +233,7 @@ def check_settings(s):
         (s.learning_rate is not None and s.learning_rate <= 0, "--learning-rate must be > 0 (try 2e-4)"),
         (s.max_seq_length < 32, "--max-seq-length must be at least 32 (try 1024)"),
         (s.epochs <= 0, "--epochs must be > 0"),
+        (s.max_steps == 0 or s.max_steps < -1, "--max-steps must be >= 1, or -1 to run the --epochs"),
         (not (s.batch_size == "auto" or str(s.batch_size).isdigit() and int(s.batch_size) >= 1),
          f"--batch-size takes auto or a number of rows >= 1 (got {s.batch_size!r})"),
         (min(s.grad_accum or 1, s.lora_r, s.lora_alpha, s.logging_steps, s.save_steps) < 1,
@@ -317,6 +318,15 @@ def gpu_total_memory():
     import torch
 
     return torch.cuda.get_device_properties(0).total_memory
+
+
+def check_target_modules(settings):
+    """--target-modules against the model's linear layers, before the data is encoded or the weights are loaded."""
+    names = linear_layer_names(settings.model)
+    unknown = sorted(set(settings.target_modules.split(",")) - names)
+    if unknown:
+        raise UserError(f"--target-modules: this model has no linear layer named {unknown[0]!r}; its layers are "
+                        f"{', '.join(sorted(names))}")
 
 
 def settings_record(settings):

@@ -58,6 +58,12 @@ def test_infer_rejects_a_missing_merged_dir_and_a_non_gguf_file(tmp_path):
     assert result.returncode == 2 and "is not a merged model dir" in result.stderr
     result = run_script("infer.py", "--gguf", tmp_path / "model.bin", "--prompt", "hi")
     assert result.returncode == 2 and "is not a .gguf file" in result.stderr
+    (tmp_path / "fake.gguf").write_text("not a model")
+    assert_user_error(run_script("infer.py", "--gguf", tmp_path / "fake.gguf", "--prompt", "hi"), "is not a GGUF file")
+
+
+def test_export_py_is_not_a_command():
+    assert_user_error(run_script("export.py", "--from-run", "runs/x"), "run python finetune.py --from-run RUN --export")
 
 
 def test_missing_converter_is_a_one_line_error(tiny_run, monkeypatch, tmp_path):

@@ -13,7 +13,7 @@ import data
 import finetune
 import training
 from common import PLACEHOLDER, UserError, load_placeholder_table
-from conftest import REPO, SHARED, readme_command, run_script
+from conftest import REPO, SHARED, assert_user_error, readme_command, run_script
 from models import TEMPLATE_DATE, load_tokenizer, resolve_model, run_name
 
 SHAPE_3B = SHARED / "models" / "llama-3.2-3b-instruct-shape"
@@ -121,10 +121,35 @@ def test_non_text_values_are_rejected(tmp_path):
     (["--learning-rate", "0"], "--learning-rate must be > 0"),
     (["--max-seq-length", "16"], "--max-seq-length must be at least 32"),
     (["--placeholders", "shout"], "invalid choice"),
+    (["--max-steps", "0"], "--max-steps must be >= 1, or -1"),
+    (["--warmup-steps", "-3"], "--warmup-steps and --weight-decay must be >= 0"),
+    (["--batch-size", "0"], "--batch-size takes auto or a number"),
+    (["--no-such-flag"], "unrecognized arguments: --no-such-flag"),
+    (["--dataset", "mydata.tsv"], "dataset file mydata.tsv not found"),  # a mistyped local file is not a hub id
+    (["--dataset", "no-slash-no-file"], "is neither an existing file nor a hub id"),
+    (["--dataset", "tests"], "is a directory: pass --dataset one"),
 ])
 def test_bad_flags_exit_2(flags, message):
+    """One `error:` line after a one-line usage hint, never argparse's whole usage block or a traceback."""
     result = run_script("finetune.py", *flags)
-    assert result.returncode == 2 and message in result.stderr
+    assert_user_error(result, message)
+    assert len(result.stderr.strip().splitlines()) <= 2, result.stderr
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--model", "someorg/no-such-model"], "cannot load model 'someorg/no-such-model'"),  # offline: no hub
+    (["--target-modules", "q_proj,foo_proj"], "no linear layer named 'foo_proj'; its layers are down_proj"),
+])
+def test_bad_model_flags_fail_before_training(flags, message, small_csv):
+    assert_user_error(run_script("finetune.py", "--dataset", small_csv, "--dry-run", *flags), message)
+
+
+def test_too_few_rows_is_an_error_and_few_rows_a_warning(bundled_rows, tmp_path):
+    bundled_rows.head(1).to_csv(tmp_path / "one.csv", index=False)
+    assert_user_error(run_script("finetune.py", "--dataset", tmp_path / "one.csv"), "has 1 distinct rows: a run needs at least 10")
+    bundled_rows.head(30).to_csv(tmp_path / "thirty.csv", index=False)
+    result = run_script("finetune.py", "--dataset", tmp_path / "thirty.csv", "--subset", "1000")  # stops at the split
+    assert "WARNING: only 30 rows for" in result.stdout, result.stdout
 
 
 def resolved(*argv, cuda=False, gpu_memory=16 * 2**30):

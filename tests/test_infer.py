@@ -142,6 +142,11 @@ def test_prompt_loader_survives_json_that_breaks_the_parser(tmp_path, data):
     prompts_or_user_error(tmp_path, data)
 
 
+def test_company_profile_that_is_a_directory(tmp_path):
+    result = run_script("infer.py", "--base-only", "--model", "smollm2", "--prompt", "hi", "--company", tmp_path)
+    assert_user_error(result, "is a directory: pass --company a YAML file")
+
+
 @pytest.mark.parametrize("content, message", [
     ('"Website URL": [unclosed\n', "is not valid YAML"),
     ('"Favourite Colour": "blue"\n', "unknown placeholder 'Favourite Colour'"),
