@@ -4,6 +4,7 @@ out-of-scope examples, the splits, and the tokenized training examples (loss on 
 import gzip
 import hashlib
 import io
+import json
 import logging
 import math
 import os
@@ -27,6 +28,8 @@ FALLBACK_FILE = PROMPTS_DIR / "fallback.jsonl"
 IN_SCOPE_FILE = PROMPTS_DIR / "in_scope.jsonl"
 MAX_CELL_CHARS = 100_000  # ~25k tokens: no training example that long fits any sensible --max-seq-length
 FALLBACK_INTENT, FALLBACK_CATEGORY = "out_of_scope", "FALLBACK"
+NO_INTENT = "(none)"  # every row's intent with --intent-column none: one stratum, no intent metric
+ROLES = ("system", "user", "assistant")
 FLAG_MEANINGS = {
     "B": "basic", "I": "interrogative", "C": "coordinated", "N": "negation", "M": "morphological variation",
     "L": "lexical variation", "P": "polite", "Q": "colloquial", "W": "offensive", "K": "keyword",
@@ -40,7 +43,7 @@ FLAG_MEANINGS = {
 
 @dataclass(frozen=True)
 class Columns:
-    """Which column of the dataset holds each field (category is optional)."""
+    """Which column of the dataset holds each field (category is optional; intent "none": the data has no intents)."""
     instruction: str = "instruction"
     response: str = "response"
     intent: str = "intent"
@@ -63,7 +66,47 @@ def load_rows(dataset, columns=Columns()):
                         "or pass 'bundled'")
     else:
         frame, label = read_hub(source), f"hub:{source}"
+    frame, columns = other_formats(frame, columns)
     return validate_rows(frame, columns), label
+
+
+def other_formats(frame, columns):
+    """TRL's two other dataset formats as instruction/response rows, when the instruction column is absent: a `messages`
+    column (conversations; multi-turn ones keep the whole conversation in a `conversation` column, trained with the loss
+    on every assistant turn) or `prompt` / `completion` columns. Without an intent column their rows get none."""
+    if columns.instruction in frame.columns:
+        return frame, columns
+    if "messages" in frame.columns:
+        frame = pd.DataFrame([conversation_row(cell, number) for number, cell in enumerate(frame["messages"], 1)]).assign(
+            **{name: frame[name].to_numpy() for name in frame.columns if name != "messages"})
+        log.info("the dataset has a messages column: %d conversations", len(frame))
+    elif {"prompt", "completion"} <= set(frame.columns):
+        frame = frame.rename(columns={"prompt": "instruction", "completion": "response"})
+        log.info("the dataset has prompt / completion columns: prompt -> instruction, completion -> response")
+    else:
+        return frame, columns
+    columns = Columns("instruction", "response", columns.intent if columns.intent in frame.columns else "none", columns.category)
+    if columns.intent == "none":
+        log.info("no %r column: the rows have no intent (no stratified split, no intent metric)", "intent")
+    return frame, columns
+
+
+def conversation_row(cell, number):
+    """One `messages` cell (a list of {role, content}, or its JSON text in a CSV) as an instruction/response row."""
+    try:
+        messages = json.loads(cell) if isinstance(cell, str) else list(cell)
+        messages = [{"role": str(m["role"]), "content": m["content"]} for m in messages]
+    except (ValueError, TypeError, KeyError):
+        raise UserError(f"row {number}: messages must be a list of {{\"role\": ..., \"content\": ...}} objects") from None
+    roles = [m["role"] for m in messages]
+    bad = next((m for m in messages if m["role"] not in ROLES or not isinstance(m["content"], str) or not m["content"].strip()), None)
+    if bad or "user" not in roles or roles[-1] != "assistant":
+        raise UserError(f"row {number}: a conversation needs user and assistant turns with text (roles {', '.join(ROLES)}), "
+                        "ending with the assistant's answer")
+    first_user = next(m["content"] for m in messages if m["role"] == "user")
+    # a plain user -> assistant pair is an ordinary row; one with its own system prompt or more turns keeps them all
+    whole = "" if roles == ["user", "assistant"] else json.dumps(messages, ensure_ascii=False)
+    return {"instruction": first_user, "response": messages[-1]["content"], "conversation": whole}
 
 
 # What --dataset names as a local file, found or not (a mistyped mydata.tsv is not a hub id); a hub id is org/name.
@@ -126,12 +169,15 @@ def read_table(path):
 
 
 def validate_rows(frame, names=Columns()):
+    if names.intent == "none":
+        frame, names = frame.assign(**{NO_INTENT: NO_INTENT}), Columns(names.instruction, names.response, NO_INTENT, names.category)
     columns = {"instruction": names.instruction, "response": names.response, "intent": names.intent}
     for role, name in columns.items():
         if name not in frame.columns:
+            fix = " (or --intent-column none if the data has no intents)" if role == "intent" else ""
             raise UserError(f"column {name!r} not found (have: {', '.join(map(str, frame.columns))}): "
-                            f"pass --{role}-column with the column that holds the {role}")
-    optional = {"category": names.category, "flags": "flags"}
+                            f"pass --{role}-column with the column that holds the {role}{fix}")
+    optional = {"category": names.category, "flags": "flags", **({"conversation": "conversation"} if "conversation" in frame.columns else {})}
     rows = pd.DataFrame({role: frame[name] for role, name in columns.items()})
     for role, name in optional.items():
         rows[role] = frame[name] if name in frame.columns else ("UNKNOWN" if role == "category" else "")
@@ -330,30 +376,51 @@ def split_manifest(splits, files, source_label, rows):
 
 
 def encode_example(tokenizer, system_prompt, instruction, response):
-    messages = chat_messages(system_prompt, instruction, response)
-    prompt = render_chat(tokenizer, messages[:-1], add_generation_prompt=True)
-    full = render_chat(tokenizer, messages)
-    if not full.startswith(prompt):
-        raise UserError("the chat template renders the prompt differently with and without the answer: "
-                        "this model's template is not supported for answer-only loss")
-    completion = full[len(prompt):]
-    # Stop right after the end token: ChatML adds a newline that belongs to no turn.
-    completion = completion[: completion.rindex(tokenizer.eos_token) + len(tokenizer.eos_token)]
-    # The templates write the BOS token themselves, so no tokenizer-added specials (no double BOS).
-    prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
-    completion_ids = tokenizer(completion, add_special_tokens=False)["input_ids"]
-    return {
-        "input_ids": prompt_ids + completion_ids,
-        "attention_mask": [1] * (len(prompt_ids) + len(completion_ids)),
-        "labels": [-100] * len(prompt_ids) + completion_ids,
-    }
+    return encode_conversation(tokenizer, chat_messages(system_prompt, instruction, response))
+
+
+def encode_row(tokenizer, system_prompt, row):
+    """A row as a training example: its conversation when it has one (with the system prompt unless it brings its own),
+    else system prompt / instruction / response."""
+    conversation = getattr(row, "conversation", "")
+    if not isinstance(conversation, str) or not conversation:  # none, or a row mixed in from the written examples (NaN)
+        return encode_example(tokenizer, system_prompt, row.instruction, row.response)
+    messages = json.loads(conversation)
+    if messages[0]["role"] != "system":
+        messages = [{"role": "system", "content": system_prompt}, *messages]
+    return encode_conversation(tokenizer, messages)
+
+
+def encode_conversation(tokenizer, messages):
+    """Token ids of a conversation rendered with the model's chat template, with the loss on every assistant turn and its
+    end token only. Each turn's text is what the template adds for it, so the template must render every earlier part
+    of the conversation the same way (Llama 3 and ChatML do)."""
+    ids, labels, done = [], [], ""  # done: the text encoded so far
+    for turn, message in enumerate(messages):
+        if message["role"] != "assistant":
+            continue
+        prompt = render_chat(tokenizer, messages[:turn], add_generation_prompt=True)
+        full = render_chat(tokenizer, messages[:turn + 1])
+        if not (prompt.startswith(done) and full.startswith(prompt)):
+            raise UserError("the chat template renders a conversation's earlier turns differently as it grows: "
+                            "this model's template is not supported for answer-only loss")
+        answer = full[len(prompt):]
+        # Stop right after the end token: ChatML adds a newline that belongs to the next turn.
+        answer = answer[: answer.rindex(tokenizer.eos_token) + len(tokenizer.eos_token)]
+        # The templates write the BOS token themselves, so no tokenizer-added specials (no double BOS).
+        context_ids = tokenizer(prompt[len(done):], add_special_tokens=False)["input_ids"]
+        answer_ids = tokenizer(answer, add_special_tokens=False)["input_ids"]
+        ids += context_ids + answer_ids
+        labels += [-100] * len(context_ids) + answer_ids
+        done = prompt + answer
+    return {"input_ids": ids, "attention_mask": [1] * len(ids), "labels": labels}
 
 
 def encode_split(tokenizer, system_prompt, split, max_seq_length):
     """Encode a split; examples over max_seq_length are left out, since truncation would cut the end token."""
     from datasets import Dataset
 
-    encoded = [encode_example(tokenizer, system_prompt, r.instruction, r.response) for r in split.itertuples()]
+    encoded = [encode_row(tokenizer, system_prompt, r) for r in split.itertuples()]
     kept = [e for e in encoded if len(e["input_ids"]) <= max_seq_length]
     if not kept:
         raise UserError(f"every example is longer than --max-seq-length {max_seq_length}: raise it")
@@ -385,7 +452,7 @@ def data_stats(rows, tokenizer, system_prompt):
         "instruction_tokens": [len(ids) for ids in tokenizer(rows["instruction"].tolist(), add_special_tokens=False)["input_ids"]],
         "response_tokens": [len(ids) for ids in tokenizer(rows["response"].tolist(), add_special_tokens=False)["input_ids"]],
     })
-    rendered = [len(encode_example(tokenizer, system_prompt, r.instruction, r.response)["input_ids"]) for r in rows.itertuples()]
+    rendered = [len(encode_row(tokenizer, system_prompt, r)["input_ids"]) for r in rows.itertuples()]
     placeholders = pd.Series([m for text in pd.concat([rows["instruction"], rows["response"]])
                               for m in PLACEHOLDER.findall(text)]).value_counts()
     flag_counts = pd.Series([c for flags in rows["flags"] for c in flags]).value_counts()

@@ -46,6 +46,7 @@ from common import (
     write_json,
     write_jsonl,
 )
+from data import NO_INTENT
 from endpoint import API_KEY_VARIABLE
 from models import (GENERATION_BATCH_SIZE, add_model_arguments, adapter_mode, generate, load_for_inference, model_source,
                     throughput_of)
@@ -163,20 +164,30 @@ def answer_with(model, tokenizer, prompts, generation, use_adapter=True):
 
 
 class IntentClassifier:
-    """Which intent does an answer address? MiniLM embeddings + logistic regression on the run's answers."""
+    """Which intent does an answer address? MiniLM embeddings + logistic regression on the run's answers. A run whose
+    data has no intents (--intent-column none) gets no classifier: every answer's intent is None, and no intent metric."""
 
     def __init__(self, train_rows, test_rows):
         from sklearn.linear_model import LogisticRegression
 
         self.embed = scope.Embedder()
-        self.model = LogisticRegression(max_iter=2000, class_weight="balanced")
-        self.model.fit(self.embed([r["response"] for r in train_rows]), [r["intent"] for r in train_rows])
-        predicted = self.predict([r["response"] for r in test_rows])
-        self.heldout_accuracy = float(np.mean([p == r["intent"] for p, r in zip(predicted, test_rows)]))
-        self.heldout_rows = len(test_rows)
+        intents = [r["intent"] for r in train_rows]
+        self.model = None if NO_INTENT in intents or len(set(intents)) < 2 else LogisticRegression(max_iter=2000, class_weight="balanced")
+        self.heldout_rows, self.heldout_accuracy = len(test_rows), None
+        if self.model:
+            self.model.fit(self.embed([r["response"] for r in train_rows]), intents)
+            predicted = self.predict([r["response"] for r in test_rows])
+            self.heldout_accuracy = float(np.mean([p == r["intent"] for p, r in zip(predicted, test_rows)]))
 
     def predict(self, texts):
-        return self.model.predict(self.embed(texts)).tolist()
+        return self.model.predict(self.embed(texts)).tolist() if self.model else [None] * len(texts)
+
+    def describe(self):
+        if not self.model:
+            return "The run's data has no intents, so answers get no intent and there is no intent metric"
+        return (f"Intent of each answer by a MiniLM + logistic-regression classifier trained on the run's training answers; "
+                f"its accuracy on the run's {self.heldout_rows} test answers is {self.heldout_accuracy:.1%}; it scores "
+                "in-scope prompts only")
 
 
 def placeholder_problems(text, inventory):
@@ -216,7 +227,7 @@ def score(records, items, classifier, inventory, company):
             "answer_intent": intent,
             # Which of the 27 intents an answer addresses only means something for in-scope prompts; on
             # out-of-scope ones the classifier's nearest class says nothing about declining.
-            "intent_correct": None if expected in (None, OUT_OF_SCOPE) else intent == expected,
+            "intent_correct": None if expected in (None, OUT_OF_SCOPE) or intent is None else intent == expected,
             "fallback": bool(DECLINES.search(record["response"])),
             "placeholders_valid": not unknown and not malformed,
             "unknown_placeholders": unknown,
@@ -328,10 +339,8 @@ def write_report(report_dir, base, variants, tables, by_type, classifier, throug
     tables: {title: {variant: paired_bootstrap differences}}, the first for the prompts the plot shows.
     """
     first = next(iter(tables.values()))
-    intro = (f"Prompts: {label}, and the run's own test split (real rows, answered the same way). Intent of each answer by "
-             f"a MiniLM + logistic-regression classifier trained on the run's training answers; its accuracy on the run's "
-             f"{classifier.heldout_rows} test answers is {classifier.heldout_accuracy:.1%}; it scores in-scope prompts "
-             f"only. A fallback is an answer that declines in the first person (\"I'm unable to...\"), found by "
+    intro = (f"Prompts: {label}, and the run's own test split (real rows, answered the same way). {classifier.describe()}. "
+             f"A fallback is an answer that declines in the first person (\"I'm unable to...\"), found by "
              f"infer.DECLINES. \"tuned + guard\" is the tuned model behind the run's scope guard (RUN/guard.json), which "
              f"answers a message it finds out of scope with its fixed reply and leaves out of the model's answers each sentence "
              f"that asks for a secret or gives a phone number or web address of its own (scope.checked_answer). "
@@ -414,7 +423,7 @@ def html_report(intro, base, variants, tables, by_type):
                                      + "".join(f"<tr>{cells(row, 'td')}</tr>" for row in rows) + "</table>")
     answers = "".join(
         f"<tr><td>{html.escape(b['prompt'])}<br><small>{html.escape(str(b['type']))} / {html.escape(str(b['expected_intent']))}</small></td>"
-        + "".join(f"<td><pre>{html.escape(r['response'])}</pre><small>intent {html.escape(r['answer_intent'])}"
+        + "".join(f"<td><pre>{html.escape(r['response'])}</pre><small>intent {html.escape(str(r['answer_intent']))}"
                   f"{', declines' if r['fallback'] else ''}"
                   f"{' &#9888; ' + html.escape(', '.join(r['critical_failures'])) if r['critical_failures'] else ''}</small></td>"
                   for r in [b] + [records[index] for records in variants.values()]) + "</tr>"

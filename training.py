@@ -66,7 +66,7 @@ class RunSettings:
     dataset: str = data_setting(HUB_DATASET, "hub id, local .csv/.parquet/.jsonl file, or 'bundled'")
     instruction_column: str = data_setting("instruction")
     response_column: str = data_setting("response")
-    intent_column: str = data_setting("intent")
+    intent_column: str = data_setting("intent", "'none': the data has no intents (one stratum, no intent metric)")
     category_column: str = data_setting("category", "optional; missing -> 'UNKNOWN'")
     subset: int | None = data_setting(None, "train on a sample of N rows (val/test shrink in proportion)")
     subset_sampling: str = data_setting(

@@ -14,7 +14,7 @@ import finetune
 import training
 from common import PLACEHOLDER, UserError, load_placeholder_table
 from conftest import REPO, SHARED, assert_user_error, readme_command, run_script
-from models import TEMPLATE_DATE, load_tokenizer, resolve_model, run_name
+from models import TEMPLATE_DATE, load_tokenizer, render_chat, resolve_model, run_name
 
 SHAPE_3B = SHARED / "models" / "llama-3.2-3b-instruct-shape"
 
@@ -174,6 +174,64 @@ def test_offline_default_falls_back_to_bundled_copy(monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     rows, label = data.load_rows(settings_for().dataset)
     assert label.startswith("bundled:") and len(rows) == 5398
+
+
+OWN_DATA = REPO / "tests" / "data"
+
+
+def test_other_dataset_formats_become_instruction_response_rows():
+    plain, label = data.load_rows(str(OWN_DATA / "own_data.csv"), data.Columns("question", "answer", "none"))
+    assert len(plain) == 10 and set(plain["intent"]) == {data.NO_INTENT} and label.endswith("own_data.csv")
+    with pytest.raises(UserError, match="--intent-column none"):
+        data.load_rows(str(OWN_DATA / "own_data.csv"), data.Columns("question", "answer"))
+    pairs, _ = data.load_rows(str(OWN_DATA / "prompt_completion.jsonl"))
+    assert pairs["instruction"].tolist() == plain["instruction"].tolist() and pairs["response"].tolist() == plain["response"].tolist()
+    chats, _ = data.load_rows(str(OWN_DATA / "messages.jsonl"))
+    assert chats["instruction"].tolist() == plain["instruction"].tolist() and set(chats["intent"]) == {data.NO_INTENT}
+    kinds = [len(json.loads(c)) if c else 0 for c in chats["conversation"]]  # 0: a plain pair; 3: own system prompt; 4 turns
+    assert kinds[:3] == [0, 3, 4]
+
+
+@pytest.mark.parametrize("messages, message", [
+    ('[{"role": "user", "content": "hi"}]', "ending with the assistant's answer"),
+    ('[{"role": "robot", "content": "hi"}, {"role": "assistant", "content": "yo"}]', "roles system, user, assistant"),
+    ('"just text"', "messages must be a list of"),
+])
+def test_bad_conversations(tmp_path, messages, message):
+    path = tmp_path / "chats.jsonl"
+    path.write_text('{"messages": ' + messages + '}\n')
+    with pytest.raises(UserError, match=message):
+        data.load_rows(str(path))
+
+
+def test_loss_is_on_every_assistant_turn(llama_tokenizer):
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Where is my parcel?"},
+                {"role": "assistant", "content": "It ships today."}, {"role": "user", "content": "And the invoice?"},
+                {"role": "assistant", "content": "It is in your account."}]
+    example = data.encode_conversation(llama_tokenizer, messages)
+    trained = [i for i, label in zip(example["input_ids"], example["labels"]) if label != -100]
+    assert llama_tokenizer.decode(trained) == "It ships today.<|eot_id|>It is in your account.<|eot_id|>"
+    assert example["labels"][: len(example["labels"]) // 2].count(-100) > 20  # the system turn and the first question
+    rendered = llama_tokenizer.decode(example["input_ids"])
+    assert rendered == render_chat(llama_tokenizer, messages)  # the pieces add up to the template's own rendering
+
+
+@pytest.mark.parametrize("file, flags", [
+    ("messages.jsonl", []),
+    ("own_data.csv", ["--instruction-column", "question", "--response-column", "answer", "--intent-column", "none"]),
+])
+def test_own_data_trains_and_evaluates(tiny_llama, tmp_path, file, flags):
+    run = tmp_path / "run"
+    result = run_script("finetune.py", "--dataset", OWN_DATA / file, *flags, "--model", tiny_llama, "--max-steps", "2",
+                        "--output-dir", run, "--no-compare", "--no-guard", "--no-in-scope-examples")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "WARNING: only 10 rows for 1 intents" in result.stdout
+    result = run_script("infer.py", "--run", run, "--compare", "--limit", "3", "--max-new-tokens", "4", "--report-dir", tmp_path / "eval")
+    assert result.returncode == 0, result.stderr[-3000:]
+    summary = json.loads((tmp_path / "eval" / "summary.json").read_text())
+    assert summary["classifier_heldout_accuracy"] is None and "placeholder_validity" in summary["differences"]
+    assert "intent_accuracy" not in summary["differences"]
+    assert "has no intents" in (tmp_path / "eval" / "report.md").read_text()
 
 
 # ----------------------------------------------------------------------------------------------------
