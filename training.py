@@ -23,8 +23,8 @@ from pathlib import Path
 from common import REPO, SYSTEM_PROMPT_FILE, ArgumentParser, UserError
 from data import FALLBACK_FILE, HUB_DATASET, IN_SCOPE_FILE, encode_split
 from export import MIN_AGREEMENT, parse_formats
-from models import (CPU_DEFAULT_MODEL, compute_dtype, concrete_model, dtype_name, has_cuda, linear_layer_names, load_model,
-                    resolve_model, run_name)
+from models import (CPU_DEFAULT_MODEL, compute_dtype, concrete_model, dtype_name, has_cuda, hub_model_id, linear_layer_names,
+                    load_model, resolve_model, run_name)
 
 # Unsloth's notebook rate for 1B-8B models; at 2e-4 the 65 steps of `--subset 500` left SmolLM2-135M undertrained
 # (held-out intent accuracy +0.02 over base; 1e-3 gives +0.19 with --fallback-ratio 0.1, see README).
@@ -380,6 +380,7 @@ def train(settings, splits, work_dir, system_prompt, resume=False):
 
     model.save_pretrained(work_dir / "adapter")
     tokenizer.save_pretrained(work_dir / "adapter")
+    name_base_model(work_dir / "adapter" / "adapter_config.json", settings.model)
     shutil.rmtree(work_dir / "checkpoints", ignore_errors=True)  # the adapter supersedes them
     steps_done = trainer.state.global_step - (int(checkpoint.name.split("-")[1]) if checkpoint else 0)
     tokens_per_step = sum(len(ids) for ids in datasets["train"]["input_ids"]) / max(1, len(datasets["train"]))
@@ -401,6 +402,15 @@ def train(settings, splits, work_dir, system_prompt, resume=False):
         "peak_memory_gb": round(peak_memory_gb(cuda), 2),
         "loss_per_step": [{"step": e["step"], "loss": e["loss"]} for e in trainer.state.log_history if "loss" in e],
     }
+
+
+def name_base_model(adapter_config, model):
+    """adapter_config.json names the base by its hub id, as PEFT's loaders elsewhere need, not by a cache path here."""
+    hub_id = hub_model_id(model)
+    if hub_id:
+        config = json.loads(adapter_config.read_text())
+        config["base_model_name_or_path"] = hub_id
+        adapter_config.write_text(json.dumps(config, indent=2) + "\n")
 
 
 def lora_settings(settings):

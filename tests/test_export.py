@@ -100,6 +100,31 @@ def test_an_adapter_is_merged_into_16_or_32_bit_weights_only(tiny_run):
     assert {param.dtype for param in merged.parameters()} == {torch.float32}
 
 
+def test_push_to_hub_dry_run_lists_the_files_and_the_card_metadata(smollm2_run):
+    result = run_script("finetune.py", "--from-run", smollm2_run, "--push-to-hub", "me/support-assistant", "--dry-run")
+    assert result.returncode == 0, result.stderr[-2000:]
+    listed = [line.split()[0] for line in result.stdout.splitlines() if line.startswith("  ")]
+    assert {"README.md", "config.json", "guard.json", "adapter/adapter_model.safetensors", "adapter/README.md"} <= set(listed)
+    assert not any(name.endswith(".jsonl") for name in listed)  # the split files stay here
+    assert "base_model: HuggingFaceTB/SmolLM2-135M-Instruct" in result.stdout and "library_name: peft" in result.stdout
+    assert "- bitext/Bitext-customer-support-llm-chatbot-training-dataset" in result.stdout
+    card = (smollm2_run / "README.md").read_text()
+    assert card.startswith("---\nbase_model: HuggingFaceTB/SmolLM2-135M-Instruct\n") and "license: apache-2.0" in card
+    assert (smollm2_run / "adapter" / "README.md").read_text() == card  # not PEFT's empty template
+    adapter_config = json.loads((smollm2_run / "adapter" / "adapter_config.json").read_text())
+    assert adapter_config["base_model_name_or_path"] == "HuggingFaceTB/SmolLM2-135M-Instruct"  # not a cache path
+    assert "rows per intent" in card
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--push-to-hub", "not a repo"], "is not a hub repo id"),
+    (["--push-to-hub", "me/support"], "needs a hub token with write access in $HF_TOKEN"),
+])
+def test_bad_push_to_hub(flags, message, monkeypatch):
+    monkeypatch.delenv("HF_TOKEN", raising=False)
+    assert_user_error(run_script("finetune.py", "--from-run", "runs/x", *flags), message)
+
+
 def test_ollama_templates_match_the_models_own_chat_templates(llama_tokenizer):
     from models import TEMPLATE_DATE, load_tokenizer
 
