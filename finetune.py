@@ -17,6 +17,7 @@ Every setting is a field of training.RunSettings (`--help` lists them with their
 work too); RUN/config.json records them all.
 """
 
+import gc
 import json
 import logging
 import shutil
@@ -107,6 +108,8 @@ def main():
              metrics["base_val_loss"], metrics["tuned_val_loss"], metrics["train_runtime_s"], metrics["train_tokens_per_s"])
     if settings.compare:
         import infer  # the held-out comparison, as `infer.py --run OUTPUT_DIR --compare` makes it
+
+        gc.collect()  # the trainer, its optimizer and the training copy of the model hold references to each other
 
         infer.compare_run(output_dir, system_prompt_file=settings.system_prompt_file, limit=settings.eval_limit,
                           max_new_tokens=settings.eval_max_new_tokens)

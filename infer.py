@@ -497,8 +497,12 @@ def evaluate(answerers, run_dir, items, label, company, guard=None, with_test_sp
         sets["the run's test split"] = [dict(item, type="test_split") for item in split_items(run_dir, "test")]
     everything = [item for group in sets.values() for item in group]
     prompts = [item["prompt"] for item in everything]
+    print(f"comparison: {len(prompts)} prompts ({', '.join(f'{len(g)} {t}' for t, g in sets.items())}), answered by the base "
+          f"model, then the tuned one ({answerers.how})", flush=True)
     base = score(answerers.base(prompts), everything, classifier, inventory, company)
+    print(f"  base model done: {throughput_of(base)}", flush=True)
     variants = {"tuned": score(answerers.tuned(prompts), everything, classifier, inventory, company)}
+    print(f"  tuned model done: {throughput_of(variants['tuned'])}", flush=True)
     if scope_guard:
         variants["tuned + guard"] = score(guarded(variants["tuned"], scope_guard), everything, classifier, inventory, company)
     if judge:
