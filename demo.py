@@ -34,7 +34,7 @@ from common import (
     run_main,
 )
 from models import add_model_arguments, adapter_mode, load_for_inference, model_source, render_chat
-from scope import checked_answer, load_guard
+from scope import SECRETS_NOTICE, checked_answer, load_guard, mask_secrets
 
 DEFAULT_HOST = "127.0.0.1"  # loopback: nobody else can reach the demo unless --host says so
 DEFAULT_PORT = 7860
@@ -209,15 +209,19 @@ def chat(bot, message, turns, company, show_raw, max_new_tokens):
     max_new_tokens = max(1, min(int(max_new_tokens), MAX_NEW_TOKENS))  # API clients can send anything
     try:
         check_prompt(message, len(turns) + 1)
+        message, secrets = mask_secrets(message)  # before the model, the history or any log sees it
         messages, dropped = prompt_messages(bot, turns, message, max_new_tokens)
     except UserError as error:
         yield chat_view(turns, company, show_raw), turns, f"⚠️ {error}", message  # keep the text to edit it
         return
-    notice = f"The {dropped} oldest turn(s) no longer fit the {bot.context_tokens}-token context; the model does not see them." if dropped else ""
+    notices = [f"⚠️ {SECRETS_NOTICE}"] if secrets else []
+    if dropped:
+        notices.append(f"The {dropped} oldest turn(s) no longer fit the {bot.context_tokens}-token context; the model does not see them.")
+    notice = " ".join(notices)
     guard_reply = bot.guard.replies([message])[0] if bot.guard else None
     if guard_reply:
         turns.append({"user": message, "answer": guard_reply})
-        yield chat_view(turns, company, show_raw), turns, GUARD_NOTICE, ""
+        yield chat_view(turns, company, show_raw), turns, " ".join(notices[:1] + [GUARD_NOTICE]), ""
         return
     raw = answer = ""
     try:
@@ -237,16 +241,18 @@ def compare(bot, message, company, show_raw, max_new_tokens):
     max_new_tokens = max(1, min(int(max_new_tokens), MAX_NEW_TOKENS))
     try:
         check_prompt(message, 1)
+        message, secrets = mask_secrets(message)
         messages, _ = prompt_messages(bot, [], message, max_new_tokens)
     except UserError as error:
         yield "", "", f"⚠️ {error}"
         return
+    notice = f"⚠️ {SECRETS_NOTICE}" if secrets else ""
     base = tuned = ""
     try:
         for base in stream_generate(bot, messages, max_new_tokens, use_adapter=False):
-            yield shown(base, company, [message], show_raw), "", ""
+            yield shown(base, company, [message], show_raw), "", notice
         for tuned in stream_generate(bot, messages, max_new_tokens):
-            yield shown(base, company, [message], show_raw), shown(tuned, company, [message], show_raw), ""
+            yield shown(base, company, [message], show_raw), shown(tuned, company, [message], show_raw), notice
     except Exception as error:
         yield shown(base, company, [message], show_raw), shown(tuned, company, [message], show_raw), \
             f"⚠️ model error: {type(error).__name__}: {error}"

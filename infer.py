@@ -20,6 +20,7 @@ import argparse
 import html
 import json
 import re
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -135,8 +136,20 @@ def prompt_items(prompt=None, prompts_file=None, run=None, split=None, limit=Non
     """The prompts to answer: one message, a JSONL file (default: the held-out set), or a split of a run (with its
     intents and reference answers); the first `limit` of them."""
     if prompt is None and not split:
-        return read_prompts(prompts_file or HELDOUT_FILE, limit)
-    return checked_prompts(([{"prompt": prompt}] if prompt is not None else split_items(run, split))[:limit])
+        items = read_prompts(prompts_file or HELDOUT_FILE, limit)
+    else:
+        items = checked_prompts(([{"prompt": prompt}] if prompt is not None else split_items(run, split))[:limit])
+    return [masked_item(item, number) for number, item in enumerate(items, 1)]
+
+
+def masked_item(item, number):
+    """The prompt item with the secrets a customer typed (card number, security code, password) masked, as the product
+    masks them before the model, its logs or these records see them (scope.mask_secrets)."""
+    masked, secrets = scope.mask_secrets(item["prompt"])
+    if not secrets:
+        return item
+    print(f"prompt {number}: {', '.join(secrets)} masked before answering", file=sys.stderr)
+    return dict(item, prompt=masked, secrets_masked=secrets)
 
 
 def split_items(run, split):

@@ -36,6 +36,14 @@ PHONE = re.compile(r"(?<![\w{])\+?\d[\d\s().-]{7,}\d")
 URL = re.compile(r"\bhttps?://\S+|\bwww\.\S+", re.I)
 SENTENCE_GAP = re.compile(r"((?<=\D[.!?])\s+|\n+)")  # not after the "2." of a numbered list
 SECURITY_NOTE = "For your security, please never share your password, PIN or full card number with anyone, including us."
+# Secrets a customer types: masked before the message reaches the model, the demo's history or any record.
+CARD_NUMBER = re.compile(r"(?<![\d-])\d(?:[ -]?\d){12,18}(?![\d-])")  # 13-19 digits; Luhn-checked below
+CARD_CODE = re.compile(r"\b(cvv2?|cvc2?|csc|security code)(\W{0,3}(?:is\W{0,3})?)\d{3,4}\b", re.I)
+CARD_EXPIRY = re.compile(r"\b(exp(?:iry|iration)?(?: date)?)(\W{0,3}(?:is\W{0,3})?)\d{1,2}\s*/\s*\d{2,4}\b", re.I)
+SECRET_WORD = re.compile(r"\b(password|passcode|pin)(\s+(?:is|was)\s+|\s*[:=]\s*)(\S+)", re.I)
+MASK = "[removed]"
+SECRETS_NOTICE = ("For your security, please don't share card numbers, security codes or passwords here: "
+                  "they were removed from your message before anyone saw it.")
 
 
 def minilm_dir():
@@ -175,6 +183,38 @@ def checked_answer(answer, message):
             continue
         kept.append(sentence + gap)
     return "".join(kept).strip()
+
+
+def luhn_valid(digits):
+    total = 0
+    for position, digit in enumerate(int(d) for d in reversed(digits)):
+        total += digit if position % 2 == 0 else (digit * 2 - 9 if digit > 4 else digit * 2)
+    return total % 10 == 0
+
+
+def mask_secrets(message):
+    """The message with card numbers (13-19 digits passing the Luhn check), security codes, expiry dates and stated
+    passwords or PINs replaced by MASK, and the kinds found (empty when none)."""
+    found = []
+
+    def card(match):
+        digits = re.sub(r"\D", "", match.group(0))
+        if not luhn_valid(digits):
+            return match.group(0)  # an order or phone number, not a card
+        found.append("card number")
+        return MASK
+
+    def keyword(kind):
+        def replace(match):
+            found.append(kind)
+            return match.group(1) + match.group(2) + MASK
+        return replace
+
+    masked = CARD_NUMBER.sub(card, message)
+    masked = CARD_CODE.sub(keyword("security code"), masked)
+    masked = CARD_EXPIRY.sub(keyword("expiry date"), masked)
+    masked = SECRET_WORD.sub(lambda m: m.group(0) if m.group(3) == MASK else keyword(m.group(1).lower())(m), masked)
+    return masked, found
 
 
 def check_message(message):

@@ -68,6 +68,36 @@ def test_the_run_s_scope_guard_answers_out_of_scope_messages_without_the_model(b
     assert in_scope[1][0]["answer"] != guard.reply and in_scope[2] == ""  # the model answered
 
 
+def test_a_card_number_is_masked_before_the_model_and_the_history_see_it(bot, company):
+    message = "here is my card number 4111 1111 1111 1111 exp 12/27 cvv 123, please charge it"
+    seen = []
+    spying = dataclasses.replace(bot, tokenizer=SpyTokenizer(bot.tokenizer, seen))
+    view, turns, notice, box = list(demo.chat(spying, message, [], company, False, 4))[-1]
+    assert turns[0]["user"] == "here is my card number [removed] exp [removed] cvv [removed], please charge it"
+    assert "4111" not in view[0]["content"] and "please don't share card numbers" in notice
+    assert seen and not any("4111" in text or "123," in text for text in seen)  # the prompt the model was given
+    base, tuned, compare_notice = list(demo.compare(spying, "my password is hunter2", company, False, 2))[-1]
+    assert "please don't share" in compare_notice and not any("hunter2" in text for text in seen)
+
+
+class SpyTokenizer:
+    """The demo's tokenizer, recording every text it is asked to encode."""
+
+    def __init__(self, tokenizer, seen):
+        self.tokenizer, self.seen = tokenizer, seen
+
+    def __call__(self, text, *args, **kwargs):
+        self.seen.extend([text] if isinstance(text, str) else text)
+        return self.tokenizer(text, *args, **kwargs)
+
+    def apply_chat_template(self, messages, *args, **kwargs):
+        self.seen.extend(m["content"] for m in messages)
+        return self.tokenizer.apply_chat_template(messages, *args, **kwargs)
+
+    def __getattr__(self, name):
+        return getattr(self.tokenizer, name)
+
+
 class ExplodingLock:
     def __enter__(self):
         raise AssertionError("the model was called")

@@ -142,6 +142,16 @@ def test_prompt_loader_survives_json_that_breaks_the_parser(tmp_path, data):
     prompts_or_user_error(tmp_path, data)
 
 
+def test_secrets_in_a_prompt_never_reach_the_model_or_the_records(tiny_run, tmp_path):
+    out = tmp_path / "answers.jsonl"
+    result = run_script("infer.py", "--run", tiny_run, "--prompt", "charge my card 4111 1111 1111 1111, cvv 123",
+                        "--max-new-tokens", "2", "--out", out)
+    assert result.returncode == 0, result.stderr[-2000:]
+    record = json.loads(out.read_text())
+    assert record["prompt"] == "charge my card [removed], cvv [removed]"
+    assert "4111" not in out.read_text() and "card number, security code masked before answering" in result.stderr
+
+
 def test_company_profile_that_is_a_directory(tmp_path):
     result = run_script("infer.py", "--base-only", "--model", "smollm2", "--prompt", "hi", "--company", tmp_path)
     assert_user_error(result, "is a directory: pass --company a YAML file")

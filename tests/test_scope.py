@@ -99,3 +99,16 @@ def test_non_english_messages_get_the_english_only_reply(guard):
     assert guard.evaluation["in_scope_not_english"] == 0  # no English training, val or test message turned away
     assert guard.replies(["Where is my order 12345?", "What's the weather in Paris tomorrow?"]) == [None, guard.reply]
     assert DECLINES.search(guard.english_only_reply)  # scored as what it is: the request is not answered
+
+
+@pytest.mark.parametrize("message, masked, kinds", [
+    ("here is my card number 4111 1111 1111 1111 exp 12/27 cvv 123, please charge it",
+     "here is my card number [removed] exp [removed] cvv [removed], please charge it", ["card number", "security code", "expiry date"]),
+    ("my password is hunter2 and my PIN: 4321", "my password is [removed] and my PIN: [removed]", ["password", "pin"]),
+    ("card 4111-1111-1111-1111", "card [removed]", ["card number"]),
+    ("I forgot my password.", "I forgot my password.", []),  # no secret in it
+    ("cancel order #123456789012345 please", "cancel order #123456789012345 please", []),  # fails the Luhn check
+    ("call me on +1 555 123 4567", "call me on +1 555 123 4567", []),
+])
+def test_secrets_a_customer_types_are_masked(message, masked, kinds):
+    assert scope.mask_secrets(message) == (masked, kinds)
