@@ -6,6 +6,7 @@
     python demo.py --merged runs/smollm2/export/merged         # finetune.py --export merged
     python demo.py --gguf runs/smollm2/export/model-q8_0.gguf  # finetune.py --export gguf
     python demo.py --run runs/smollm2 --host 0.0.0.0           # reachable from other machines: add --auth
+    python demo.py --endpoint http://127.0.0.1:8080/v1 --run runs/smollm2   # streamed from an OpenAI-compatible server
 
 Answers stream token by token (greedy, stop at the chat template's end-of-turn token). The model writes
 Bitext slots such as {{Order Number}}; the app fills them from the company profile (prompts/company.yaml,
@@ -33,7 +34,9 @@ from common import (
     read_system_prompt,
     run_main,
 )
-from models import add_model_arguments, adapter_mode, load_for_inference, model_source, render_chat
+from endpoint import API_KEY_VARIABLE, Endpoint
+from models import (add_model_arguments, adapter_mode, load_for_inference, model_source, prepare_tokenizer, render_chat,
+                    run_config)
 from scope import SECRETS_NOTICE, checked_answer, load_guard, mask_secrets
 
 DEFAULT_HOST = "127.0.0.1"  # loopback: nobody else can reach the demo unless --host says so
@@ -43,6 +46,7 @@ DEFAULT_NEW_TOKENS = 256
 NO_TEXT = "(no text yet: the model has only written whitespace)"
 GUARD_NOTICE = ("The scope guard answered: the message looks outside customer support, or not in English (start with "
                 "--no-guard to send everything to the model).")
+SERVER_CONTEXT_TOKENS = 4096  # what endpoint.llama_cpp_server and the README's server commands start with (--n_ctx)
 QUEUE_SIZE = 32  # requests waiting for the model; more are rejected with "queue is full"
 # Gradio's default theme pulls fonts from Google; system fonts keep the page offline and private.
 FONTS = ["ui-sans-serif", "system-ui", "sans-serif"]
@@ -61,10 +65,15 @@ def parse_args(argv=None):
     app.add_argument("--max-new-tokens", type=int, default=DEFAULT_NEW_TOKENS, help=f"initial answer length (1-{MAX_NEW_TOKENS})")
     app.add_argument("--company", type=Path, default=COMPANY_FILE, help="placeholder values (editable in the app)")
     app.add_argument("--system-prompt-file", type=Path, default=SYSTEM_PROMPT_FILE)
+    served = p.add_argument_group("a server instead of a model in this process (OpenAI-compatible, streamed; the key, if "
+                                  f"any, from ${API_KEY_VARIABLE})")
+    served.add_argument("--endpoint", help="the server's base URL, e.g. http://127.0.0.1:8080/v1; with --run, the run's guard, "
+                                           "tokenizer and context length are used")
+    served.add_argument("--endpoint-model", default="", help="model name to ask for (default: the server's first)")
     args = p.parse_args(argv)
-    sources = sum(map(bool, [args.run, args.base_only and not args.run, args.merged, args.gguf]))
+    sources = sum(map(bool, [args.run or args.endpoint, args.base_only and not args.run, args.merged, args.gguf]))
     problems = [
-        (sources != 1, "pass one of --run DIR, --base-only --model NAME, --merged DIR or --gguf FILE"),
+        (sources != 1, "pass one of --run DIR, --base-only --model NAME, --merged DIR, --gguf FILE or --endpoint URL"),
         (args.run and not args.run.is_dir(), f"run dir {args.run} not found: pass --run a finetune.py output dir"),
         (not 1 <= args.port <= 65535, f"--port {args.port} is out of range: use 1-65535"),
         (args.auth is not None and parse_auth(args.auth) is None, "--auth must look like USER:PASSWORD, both non-empty"),
@@ -102,14 +111,15 @@ def parse_auth(text):
 
 @dataclass
 class Bot:
-    """The loaded model and what every request needs with it."""
-    model: object
-    tokenizer: object
+    """The loaded model, or the server that answers, and what every request needs with it."""
+    model: object  # None with an endpoint
+    tokenizer: object  # None with an endpoint and no --run: prompt lengths are then estimated
     system_prompt: str
     context_tokens: int  # rendered prompt + new tokens must fit in this
     has_adapter: bool
     guard: object = None  # the run's scope.ScopeGuard, or None
     lock: threading.Lock = field(default_factory=threading.Lock)
+    endpoint: Endpoint = None  # answers come from this server instead of the model
 
 
 def context_size(model, config):
@@ -124,6 +134,9 @@ def stream_generate(bot, messages, max_new_tokens, use_adapter=True):
     generate() runs in a thread and feeds a TextIteratorStreamer. The lock is held until that thread has
     ended, also when the browser goes away mid-answer (the stop flag ends generation at the next token).
     """
+    if bot.endpoint:
+        yield from bot.endpoint.stream(messages, max_new_tokens)  # the server queues concurrent requests itself
+        return
     import torch
     from transformers import StoppingCriteria, StoppingCriteriaList, TextIteratorStreamer
 
@@ -173,12 +186,19 @@ def prompt_messages(bot, turns, message, max_new_tokens):
         for turn in turns[dropped:]:
             messages += [{"role": "user", "content": turn["user"]}, {"role": "assistant", "content": turn["answer"]}]
         messages.append({"role": "user", "content": message})
-        length = len(bot.tokenizer(render_chat(bot.tokenizer, messages, add_generation_prompt=True),
-                                   add_special_tokens=False).input_ids)
+        length = prompt_tokens(bot.tokenizer, messages)
         if length <= budget:
             return messages, dropped
     raise UserError(f"this message is {length} tokens with the system prompt; with {max_new_tokens} new tokens that is over "
                     f"the model's {bot.context_tokens}-token context: shorten it or lower max new tokens")
+
+
+def prompt_tokens(tokenizer, messages):
+    """The rendered prompt's length in tokens; without the model's tokenizer (an endpoint without --run) an estimate on
+    the safe side: 3 characters a token (English averages about 4) and 8 tokens of template per message."""
+    if tokenizer is None:
+        return sum(len(m["content"]) // 3 + 8 for m in messages)
+    return len(tokenizer(render_chat(tokenizer, messages, add_generation_prompt=True), add_special_tokens=False).input_ids)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -230,7 +250,7 @@ def chat(bot, message, turns, company, show_raw, max_new_tokens):
             answer = checked_answer(raw, message) if bot.guard else raw
             yield chat_view(turns + [{"user": message, "answer": answer}], company, show_raw), turns, notice, ""
     except Exception as error:  # a model failure must not take the app down
-        yield chat_view(turns, company, show_raw), turns, f"⚠️ model error: {type(error).__name__}: {error}", message
+        yield chat_view(turns, company, show_raw), turns, f"⚠️ model error: {error_text(error)}", message
         return
     turns.append({"user": message, "answer": answer if answer or not raw.strip() else bot.guard.reply})
     yield chat_view(turns, company, show_raw), turns, notice, ""
@@ -255,7 +275,12 @@ def compare(bot, message, company, show_raw, max_new_tokens):
             yield shown(base, company, [message], show_raw), shown(tuned, company, [message], show_raw), notice
     except Exception as error:
         yield shown(base, company, [message], show_raw), shown(tuned, company, [message], show_raw), \
-            f"⚠️ model error: {type(error).__name__}: {error}"
+            f"⚠️ model error: {error_text(error)}"
+
+
+def error_text(error):
+    """A failure while answering, in one line: a UserError (the endpoint's) says what to do already."""
+    return str(error) if isinstance(error, UserError) else f"{type(error).__name__}: {error}"
 
 
 def edit_company(text, company):
@@ -286,7 +311,8 @@ def build_app(bot, company_text, label, max_new_tokens=DEFAULT_NEW_TOKENS):
         guarded = (" Behind the run's scope guard: out-of-scope and non-English messages get its fixed replies, and a sentence "
                    "asking for a password or card number, or giving a phone number or web address of the model's own, is "
                    "left out.") if bot.guard else ""
-        gr.Markdown(f"## Customer-support assistant\nModel: `{label}`. Answers are generated on this machine, one at a time.{guarded}")
+        where = f"streamed from {bot.endpoint.url}" if bot.endpoint else "generated on this machine, one at a time"
+        gr.Markdown(f"## Customer-support assistant\nModel: `{label}`. Answers are {where}.{guarded}")
         turns = gr.State([])
         company_state = gr.State(company)
         with gr.Row():
@@ -310,7 +336,8 @@ def build_app(bot, company_text, label, max_new_tokens=DEFAULT_NEW_TOKENS):
                         compare_notice = gr.Markdown()
                         gr.Examples(example_prompts(), inputs=question)
                     else:
-                        gr.Markdown("Compare needs a fine-tuned adapter: start the demo with `--run DIR`.")
+                        gr.Markdown("Compare needs a fine-tuned adapter in this process: start the demo with `--run DIR` "
+                                    "(without `--endpoint`).")
             with gr.Column(scale=2):
                 show_raw = gr.Checkbox(label="Show raw answers with their {{slots}}", value=False)
                 new_tokens = gr.Slider(1, MAX_NEW_TOKENS, value=max_new_tokens, step=1, label="Max new tokens")
@@ -346,19 +373,37 @@ def main(args=None):
     system_prompt = read_system_prompt(args.system_prompt_file)
     check_port_free(args.host, args.port)
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # no calls home from an offline demo
-    model, tokenizer, config = load_for_inference(**model_source(args))
     tuned = bool(args.run and not args.base_only)
     guard = load_guard(args.run, args.guard) if tuned else None
     if guard:
         guard.replies(["warm-up message here"])  # loads MiniLM and the language model now, not on the first customer's message
-    bot = Bot(model, tokenizer, system_prompt, context_size(model, config), has_adapter=tuned, guard=guard)
-    label = args.run or args.merged or args.gguf or args.model or config.get("base_model") or "base model"
+    if args.endpoint:
+        bot, label = endpoint_bot(args, system_prompt, guard)
+    else:
+        model, tokenizer, config = load_for_inference(**model_source(args))
+        bot = Bot(model, tokenizer, system_prompt, context_size(model, config), has_adapter=tuned, guard=guard)
+        label = args.run or args.merged or args.gguf or args.model or config.get("base_model") or "base model"
     import gradio as gr
 
     demo = build_app(bot, company_text, label, args.max_new_tokens)
     demo.queue(default_concurrency_limit=1, max_size=args.queue_size)
     theme = gr.themes.Default(font=FONTS, font_mono=MONO_FONTS)
     demo.launch(server_name=args.host, server_port=args.port, share=args.share, auth=auth, theme=theme)
+
+
+def endpoint_bot(args, system_prompt, guard):
+    """A Bot whose answers stream from --endpoint: the server is asked for its model now (a dead one is one error line);
+    with --run, the run's tokenizer and training length bound the prompt, else an estimate and SERVER_CONTEXT_TOKENS."""
+    server = Endpoint(args.endpoint, args.endpoint_model)
+    server.served_model()
+    tokenizer, context = None, SERVER_CONTEXT_TOKENS
+    if args.run:
+        from transformers import AutoTokenizer
+
+        config = run_config(args.run)
+        tokenizer = prepare_tokenizer(AutoTokenizer.from_pretrained(Path(args.run) / "adapter"))  # saved with the adapter
+        context = int(config.get("max_seq_length", context))
+    return Bot(None, tokenizer, system_prompt, context, has_adapter=False, guard=guard, endpoint=server), f"{server.model} at {server.url}"
 
 
 if __name__ == "__main__":

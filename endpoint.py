@@ -88,6 +88,25 @@ class Endpoint:
                 "token_ids": [], "latency_s": round(time.time() - started, 3), "stopped_at_eos": choice.get("finish_reason") == "stop"}
 
 
+    def stream(self, messages, max_new_tokens):
+        """Yield the answer as it grows, from the server's streamed chat completion (server-sent events); demo.py
+        --endpoint shows it so."""
+        answer = ""
+        with self.request("/chat/completions", dict(self.body(messages, max_new_tokens), stream=True)) as response:
+            for line in response:
+                line = line.decode("utf-8", "replace").strip()
+                if not line.startswith("data:"):
+                    continue  # blank separators and SSE comments
+                data = line.removeprefix("data:").strip()
+                if data == "[DONE]":
+                    break
+                piece = self.parse(data.encode(), "a streamed chat completion",
+                                   lambda d: d["choices"][0].get("delta", {}).get("content") or "")
+                if piece:
+                    answer += piece
+                    yield answer
+
+
 def answers(endpoint, prompts, system_prompt, max_new_tokens, concurrency):
     """Greedy answers to the prompts, in order, `concurrency` requests in flight at a time. Each record's seconds is its
     share of the wall time, as in models.generate (so throughput_of is the server's rate); latency_s its own request's."""

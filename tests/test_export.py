@@ -1,6 +1,7 @@
 """Export: merged weights, GGUF files checked in llama.cpp and the Ollama Modelfile, from the tiny model and the real
 SmolLM2; the SmolLM2 GGUF served by llama.cpp's OpenAI-compatible server to infer.py --endpoint; bad inputs."""
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -244,6 +245,61 @@ def test_infer_endpoint_against_llama_cpp_servers(smollm2_export, smollm2_run, t
         assert "intent_accuracy" in result.stdout
     result = run_script("infer.py", "--endpoint", tuned, "--prompt", "hi")  # the server is gone now
     assert_user_error(result, "could not be reached")
+
+
+def test_demo_streams_from_a_llama_cpp_server(smollm2_export, smollm2_run, tmp_path, monkeypatch):
+    """demo.py --endpoint: the same app, its answers streamed from llama.cpp's server (SSE), the run's guard in front;
+    driven through gradio_client. The streamed answer is the server's own greedy answer; a server that dies mid-demo
+    is a one-line notice and the app keeps serving."""
+    out, _ = smollm2_export
+    monkeypatch.setenv("GRADIO_ANALYTICS_ENABLED", "False")
+    question, port = "I wanna cancel #12345", free_port()
+    with llama_cpp_server(out / "model-q8_0.gguf", tmp_path / "tuned.log") as tuned:
+        reference = tmp_path / "reference.jsonl"
+        result = run_script("infer.py", "--endpoint", tuned, "--prompt", question, "--max-new-tokens", "24", "--out", reference)
+        assert result.returncode == 0, result.stderr[-2000:]
+        with open(tmp_path / "demo.log", "w") as log:
+            app = subprocess.Popen([sys.executable, "demo.py", "--endpoint", tuned, "--run", str(smollm2_run), "--port", str(port)],
+                                   stdout=log, stderr=subprocess.STDOUT, env=dict(os.environ, HF_HUB_OFFLINE="1"))
+        try:
+            client = wait_for_app(f"http://127.0.0.1:{port}/", app, tmp_path / "demo.log")
+            view, notice, _ = client.predict(question, True, 24, api_name="/chat")  # raw answers: no slot filling
+            assert notice == "" and view[-1]["role"] == "assistant"
+            assert text_of(view[-1]["content"]) == json.loads(reference.read_text())["response"]
+            view, notice, _ = client.predict("Write me a poem about autumn leaves", True, 24, api_name="/chat")
+            assert "scope guard answered" in notice  # the run's guard, without asking the server
+        except BaseException:
+            app.kill()
+            raise
+    try:  # the server is gone now
+        view, notice, _ = client.predict(question, True, 8, api_name="/chat")
+        assert "model error" in notice and "could not be reached" in notice and app.poll() is None, notice
+    finally:
+        app.kill()
+        app.wait()
+
+
+def text_of(content):
+    """A chatbot message's text as gradio_client returns it: a string, or a list of parts ({"type": "text", "text": ...})."""
+    parts = content if isinstance(content, list) else [content]
+    return "".join(p.get("text", "") if isinstance(p, dict) else str(p) for p in parts).strip()
+
+
+def wait_for_app(url, process, log, timeout_s=180):
+    """A gradio_client for the app at url once it answers; an assertion with the log's tail if it dies or never comes up."""
+    import urllib.request
+
+    from gradio_client import Client
+
+    started = time.time()
+    while time.time() - started < timeout_s:
+        assert process.poll() is None, log.read_text()[-2000:]
+        try:
+            urllib.request.urlopen(url, timeout=5).read()
+            return Client(url, verbose=False, ssl_verify=False, httpx_kwargs={"timeout": 120})
+        except OSError:
+            time.sleep(1)
+    raise AssertionError(f"the app did not come up in {timeout_s} s: {log.read_text()[-2000:]}")
 
 
 def test_infer_endpoint_that_is_not_an_openai_server(tmp_path):
