@@ -33,7 +33,7 @@ import scope
 from common import UserError, building, load_placeholder_table, read_system_prompt, run_main, write_json
 from models import (CPU_DEFAULT_MODEL, GPU_DEFAULT_MODEL, SMOLLM2_HUB_ID, concrete_model, has_cuda, hub_model_id,
                     load_tokenizer)
-from training import check_target_modules, parse_settings, resolve_auto, setting, settings_record, train
+from training import Processes, check_target_modules, parse_settings, resolve_auto, setting, settings_record, train
 
 log = logging.getLogger("finetune")
 MIN_ROWS, FEW_ROWS = 10, 50  # fewer than MIN_ROWS: an error; fewer than FEW_ROWS: a warning
@@ -92,6 +92,10 @@ def main():
     check_target_modules(settings)
     if actions.dry_run:
         return dry_run(settings, splits, system_prompt)
+    processes = Processes.start()  # one, or several under torchrun / accelerate launch
+    if not processes.is_main:  # the other processes train their share of each batch; the first writes everything
+        processes.wait_for_everyone()
+        return train(settings, splits, processes.shared_work_dir(settings.output_dir), system_prompt, resume=actions.resume)
 
     output_dir = check_output_dir(settings.output_dir, actions)
     with building(output_dir, keep_on_error=True, fresh=not actions.resume) as work_dir:  # kept for --resume
@@ -100,6 +104,7 @@ def main():
         write_json(work_dir / "config.json", settings_record(settings))
         if settings.guard:
             build_guard(splits, fallback, in_scope, settings.seed).save(work_dir / scope.GUARD_FILE)
+        processes.wait_for_everyone()  # the work dir is ready for the others
         metrics = train(settings, splits, work_dir, system_prompt, resume=actions.resume)
         write_json(work_dir / "metrics.json", metrics)
         shutil.copy(data.BUNDLED_LICENSE, work_dir / data.BUNDLED_LICENSE.name)

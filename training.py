@@ -339,6 +339,36 @@ def settings_record(settings):
 # Training
 
 
+@dataclass
+class Processes:
+    """The processes training one run: one, or several started by torchrun / accelerate launch (RANK and WORLD_SIZE
+    set). Each trains its share of every batch (DDP: gloo on CPUs, NCCL on GPUs); the first writes the run."""
+    count: int
+    is_main: bool
+    barrier: object = None
+
+    @classmethod
+    def start(cls):
+        count = int(os.environ.get("WORLD_SIZE", "1"))
+        if count == 1:
+            return cls(1, True)
+        import unsloth  # noqa: F401  (before transformers, which accelerate's state may load)
+        from accelerate import PartialState
+
+        cpu = not has_cuda()  # as the Trainer sets up its processes: gloo on CPUs, NCCL on GPUs
+        state = PartialState(cpu=cpu, **({"backend": "gloo"} if cpu else {}))  # the process group the Trainer then uses
+        log.info("process %d of %d (%s)", state.process_index + 1, count, state.backend)
+        return cls(count, state.is_main_process, state.wait_for_everyone)
+
+    def wait_for_everyone(self):
+        if self.barrier:
+            self.barrier()
+
+    @staticmethod
+    def shared_work_dir(output_dir):
+        return output_dir.with_name(output_dir.name + ".partial")
+
+
 def train(settings, splits, work_dir, system_prompt, resume=False):
     """QLoRA on the train split; saves WORK_DIR/adapter and returns the run's metrics (val loss before and after)."""
     import torch
@@ -378,18 +408,20 @@ def train(settings, splits, work_dir, system_prompt, resume=False):
     tuned_val_loss = trainer.evaluate()["eval_loss"]
     log.info("tuned val loss %.4f (base %.4f)", tuned_val_loss, base_val_loss)
 
-    model.save_pretrained(work_dir / "adapter")
-    tokenizer.save_pretrained(work_dir / "adapter")
-    name_base_model(work_dir / "adapter" / "adapter_config.json", settings.model)
-    shutil.rmtree(work_dir / "checkpoints", ignore_errors=True)  # the adapter supersedes them
+    if trainer.is_world_process_zero():  # the other processes of a multi-process run hold the same weights
+        model.save_pretrained(work_dir / "adapter")
+        tokenizer.save_pretrained(work_dir / "adapter")
+        name_base_model(work_dir / "adapter" / "adapter_config.json", settings.model)
+        shutil.rmtree(work_dir / "checkpoints", ignore_errors=True)  # the adapter supersedes them
     steps_done = trainer.state.global_step - (int(checkpoint.name.split("-")[1]) if checkpoint else 0)
     tokens_per_step = sum(len(ids) for ids in datasets["train"]["input_ids"]) / max(1, len(datasets["train"]))
-    trained_tokens = tokens_per_step * steps_done * settings.batch_size * settings.grad_accum
+    trained_tokens = tokens_per_step * steps_done * settings.batch_size * settings.grad_accum * trainer.args.world_size
     return {
         "model": model_name,
         "device": torch.cuda.get_device_name() if cuda else "cpu",
         "compute_dtype": dtype_name(compute_dtype()),
-        "batch": {"rows": settings.batch_size, "grad_accum": settings.grad_accum, "padding_free": trainer.args.padding_free},
+        "batch": {"rows": settings.batch_size, "grad_accum": settings.grad_accum, "processes": trainer.args.world_size,
+                  "padding_free": trainer.args.padding_free},
         "base_val_loss": base_val_loss,
         "tuned_val_loss": tuned_val_loss,
         "val_rows": len(datasets["val"]),

@@ -1,6 +1,7 @@
 """finetune.py and what it runs (data.py, training.py): loading and validation, split, placeholders, formatting and
 label masking, settings and config files, end to end."""
 import json
+import os
 import re
 from pathlib import Path
 
@@ -435,6 +436,27 @@ def test_dry_run_writes_nothing(small_csv, tiny_llama, tmp_path):
     result = run_script("finetune.py", "--dry-run", "--dataset", small_csv, "--model", tiny_llama, "--output-dir", tmp_path / "out")
     assert result.returncode == 0, result.stderr
     assert "nothing written" in result.stdout and not any(tmp_path.glob("out*"))
+
+
+def test_two_processes_train_one_run_under_torchrun(small_csv, tiny_llama, tmp_path):
+    """Several GPUs (or CPU processes) train one run: torchrun starts finetune.py twice, the processes join one gloo group
+    (NCCL on GPUs), each trains its share of every batch, and the first alone writes the run."""
+    import subprocess
+    import sys
+
+    from endpoint import free_port
+
+    out = tmp_path / "run"
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
+               str(REPO / "finetune.py"), "--dataset", small_csv, "--model", tiny_llama, "--max-steps", "2", "--no-compare",
+               "--no-guard", "--output-dir", out]
+    result = subprocess.run(list(map(str, command)), capture_output=True, text=True, timeout=600, cwd=REPO,
+                            env=dict(os.environ, HF_HUB_OFFLINE="1"))
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "process 1 of 2 (gloo)" in result.stdout and "process 2 of 2 (gloo)" in result.stdout
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["batch"]["processes"] == 2 and metrics["steps"] == 2
+    assert (out / "adapter" / "adapter_model.safetensors").is_file() and not out.with_name("run.partial").exists()
 
 
 def test_tiny_llama_end_to_end(small_csv, tiny_llama, tmp_path):
