@@ -84,9 +84,10 @@ def other_formats(frame, columns):
         log.info("the dataset has prompt / completion columns: prompt -> instruction, completion -> response")
     else:
         return frame, columns
-    columns = Columns("instruction", "response", columns.intent if columns.intent in frame.columns else "none", columns.category)
+    wanted = columns.intent
+    columns = Columns("instruction", "response", wanted if wanted in frame.columns else "none", columns.category)
     if columns.intent == "none":
-        log.info("no %r column: the rows have no intent (no stratified split, no intent metric)", "intent")
+        log.info("no %r column: the rows have no intent (no stratified split, no intent metric)", wanted)
     return frame, columns
 
 
