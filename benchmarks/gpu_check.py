@@ -61,7 +61,7 @@ def padding_free_losses(model_dir, rows=3):
     model, tokenizer, _ = load_model(str(model_dir), 1024)  # 4-bit, as finetune.py trains
     model = training.add_lora(model, training.RunSettings(), gradient_checkpointing=False)
     bundled, _ = data.load_rows("bundled")
-    examples, _ = data.encode_split(tokenizer, read_system_prompt(), data.validate_rows(bundled).head(rows), 1024)
+    examples, _ = data.encode_split(tokenizer, read_system_prompt(), bundled.head(rows), 1024)
     examples = [{"input_ids": e["input_ids"], "labels": e["labels"]} for e in examples]
     padded = DataCollatorForLanguageModeling(tokenizer.pad_token_id)(examples)
     flat = DataCollatorForLanguageModeling(tokenizer.pad_token_id, padding_free=True)(examples)
