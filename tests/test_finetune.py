@@ -278,10 +278,10 @@ def test_subset_and_fallback_mixing(bundled_rows):
 def test_written_in_scope_examples_join_train_with_answers_of_their_intent(bundled_rows):
     rows = data.validate_rows(bundled_rows)
     written = data.load_in_scope(data.IN_SCOPE_FILE)
-    assert len(written) == 216 and written["intent"].value_counts().eq(8).all()
+    assert len(written) >= 27 * 8 and written["intent"].value_counts().ge(8).all() and written["intent"].nunique() == 27
     splits = data.make_splits(rows, None, written, subset=500)
     added = splits["train"][splits["train"]["instruction"].isin(written["instruction"])]
-    assert len(added) == 216 - 2 * round(216 * 0.15)  # the train pool; val and test pools are the guard's
+    assert len(added) == len(written) - 2 * round(len(written) * 0.15)  # the train pool; val and test pools are the guard's
     assert not splits["val"]["instruction"].isin(written["instruction"]).any()
     bitext_answers = set(zip(rows["intent"], rows["response"]))
     assert all((r.intent, r.response) in bitext_answers for r in added.itertuples())
@@ -291,11 +291,12 @@ STOPWORDS = {"a", "an", "the", "of", "to", "i", "you", "my", "me", "is", "are", 
              "for", "on", "and", "your", "hi"}
 
 
-def test_written_prompts_are_not_copies_of_held_out_prompts():
+def test_written_prompts_are_not_copies_of_held_out_or_blind_prompts():
     def words(text):  # content words: "what's the meaning of life" is no copy of "what's the capital of Australia?"
         return set(re.findall(r"[a-z0-9]+", text.lower())) - STOPWORDS
 
-    heldout = [words(json.loads(line)["prompt"]) for line in (REPO / "prompts" / "heldout.jsonl").read_text().splitlines()]
+    heldout = [words(json.loads(line)["prompt"]) for name in ("heldout.jsonl", "blind.jsonl")
+               for line in (REPO / "prompts" / name).read_text().splitlines()]
     for path in (data.IN_SCOPE_FILE, data.FALLBACK_FILE):
         for line in path.read_text().splitlines():
             mine = words(json.loads(line)["instruction"])
