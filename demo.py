@@ -34,7 +34,7 @@ from common import (
     read_system_prompt,
     run_main,
 )
-from endpoint import API_KEY_VARIABLE, Endpoint
+from endpoint import API_KEY_VARIABLE, SERVER_CONTEXT_TOKENS, Endpoint
 from models import (add_model_arguments, adapter_mode, load_for_inference, model_source, prepare_tokenizer, render_chat,
                     run_config)
 from scope import SECRETS_NOTICE, checked_answer, load_guard, mask_secrets
@@ -46,7 +46,6 @@ DEFAULT_NEW_TOKENS = 256
 NO_TEXT = "(no text yet: the model has only written whitespace)"
 GUARD_NOTICE = ("The scope guard answered: the message looks outside customer support, or not in English (start with "
                 "--no-guard to send everything to the model).")
-SERVER_CONTEXT_TOKENS = 4096  # what endpoint.llama_cpp_server and the README's server commands start with (--n_ctx)
 QUEUE_SIZE = 32  # requests waiting for the model; more are rejected with "queue is full"
 # Gradio's default theme pulls fonts from Google; system fonts keep the page offline and private.
 FONTS = ["ui-sans-serif", "system-ui", "sans-serif"]

@@ -25,6 +25,7 @@ from models import chat_messages
 
 API_KEY_VARIABLE = "ENDPOINT_API_KEY"
 SERVER_START_TIMEOUT_S = 120
+SERVER_CONTEXT_TOKENS = 4096  # each request's room (llama-server: each slot's)
 
 
 @dataclass
@@ -134,16 +135,23 @@ def free_port():
 
 
 @contextlib.contextmanager
-def llama_cpp_server(gguf, log):
-    """llama.cpp's OpenAI-compatible server (llama-cpp-python's, built by setup.sh) with the GGUF on a free loopback
-    port, its output in the file `log`; yields its /v1 URL once it lists its model, and stops it whatever happens.
-    Every core decodes: the server's default is half of them, one on a 2-core CPU, which gave 35.8 new tokens/s
+def llama_cpp_server(gguf, log, binary=None, parallel=1):
+    """llama.cpp's OpenAI-compatible server with the GGUF on a free loopback port, its output in the file `log`; yields
+    its /v1 URL once it lists its model, and stops it whatever happens.
+    Without `binary`: llama-cpp-python's server (built by setup.sh), which answers one request at a time. With it: the
+    C++ `llama-server` at that path (`./setup.sh --llama-server` builds .venv/bin/llama-server), which decodes up to
+    `parallel` requests together in one batch (continuous batching over `parallel` slots of 4,096 tokens each).
+    Every core decodes: llama-cpp-python's default is half of them, one on a 2-core CPU, which gave 35.8 new tokens/s
     instead of 58.0 there (BENCHMARKS.md, Serving)."""
     port = free_port()
+    if binary is None:
+        command = [sys.executable, "-m", "llama_cpp.server", "--model", str(gguf), "--n_ctx", str(SERVER_CONTEXT_TOKENS),
+                   "--n_threads", str(os.cpu_count())]
+    else:
+        command = [str(binary), "--model", str(gguf), "--ctx-size", str(SERVER_CONTEXT_TOKENS * parallel), "--parallel",
+                   str(parallel), "--threads", str(os.cpu_count()), "--no-webui"]
     with open(log, "w") as out:
-        server = subprocess.Popen([sys.executable, "-m", "llama_cpp.server", "--model", str(gguf), "--host", "127.0.0.1",
-                                   "--port", str(port), "--n_ctx", "4096", "--n_threads", str(os.cpu_count())],
-                                  stdout=out, stderr=subprocess.STDOUT)
+        server = subprocess.Popen(command + ["--host", "127.0.0.1", "--port", str(port)], stdout=out, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}/v1"
     try:
         started = time.time()

@@ -4,11 +4,12 @@
 # it reinstalls only when requirements.txt changed.
 #   ./setup.sh            a .venv (the README's commands use .venv/bin/python)
 #   bash setup.sh --system   Colab: into the running python3, on top of its CUDA torch (notebooks/colab.ipynb)
+#   ./setup.sh --llama-server   also llama.cpp's C++ server, .venv/bin/llama-server (batches concurrent requests)
 set -euo pipefail
 cd "$(dirname "$0")"
 stamp=.venv/.requirements.sha256
 want=$(sha256sum requirements.txt setup.sh | sha256sum | cut -d' ' -f1)
-if [ "${1:-}" = "--system" ]; then
+if [[ " $* " == *" --system "* ]]; then
   # Colab's python3 -m venv has no ensurepip, and its torch is built for its CUDA: install as Unsloth's own notebooks
   # do, the Unsloth stack with --no-deps on top of that torch (xformers left out: its wheel is built for torch 2.14),
   # then the rest of requirements.txt without torch and without the test tools (reinstalling ipykernel under a running
@@ -47,7 +48,22 @@ fi
 # and q4_k_m quantizer, and the OpenAI-compatible server (.venv/bin/python -m llama_cpp.server) that infer.py
 # --endpoint talks to. Built for AVX2, not -march=native: on a CPU that lists AMX inside a VM that does not enable it,
 # a native build died with "Illegal instruction" loading a q8_0 GGUF (AMX weight repacking). llava is left out.
+cpu_flags="-DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_BMI2=ON"
 if ! $py -c "import llama_cpp, sys; sys.exit(llama_cpp.__version__ != '$llama_cpp_python')" 2>/dev/null; then
-  CMAKE_ARGS="-DLLAVA_BUILD=OFF -DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_BMI2=ON" \
+  CMAKE_ARGS="-DLLAVA_BUILD=OFF $cpu_flags" \
     $py -m pip install -q "llama-cpp-python[server] @ file://$PWD/$sdist"
+fi
+# Optional: llama.cpp's C++ server from the same source package, for serving many users on a CPU (README, Serving many
+# users): unlike llama-cpp-python's server it decodes concurrent requests together (--parallel). One static binary,
+# same CPU flags as above, no web UI; about 15 minutes on 2 cores, once.
+if [[ " $* " == *" --llama-server "* ]] && [ "$(cat .venv/llama-server.VERSION 2>/dev/null)" != "$llama_cpp_python" ]; then
+  src=.venv/cache/llama.cpp-src
+  rm -rf "$src" && mkdir -p "$src"
+  tar xzf "$sdist" -C "$src" --strip-components=3 "llama_cpp_python-$llama_cpp_python/vendor/llama.cpp"
+  cmake -S "$src" -B "$src/build" -DCMAKE_BUILD_TYPE=Release -DBUILD_SHARED_LIBS=OFF $cpu_flags \
+    -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_OPENSSL=OFF -DLLAMA_BUILD_UI=OFF -DLLAMA_USE_PREBUILT_UI=OFF > /dev/null
+  cmake --build "$src/build" --target llama-server -j "$(nproc)" > /dev/null
+  mv "$src/build/bin/llama-server" .venv/bin/llama-server
+  echo "$llama_cpp_python" > .venv/llama-server.VERSION
+  rm -rf "$src"
 fi

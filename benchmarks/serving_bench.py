@@ -8,7 +8,8 @@ One run, same machine, same held-out prompts, greedy, a fixed --max-new-tokens:
   in batches of --batch-size (infer.py's default 16);
 - llama.cpp: `python -m llama_cpp.server` (llama-cpp-python, built by setup.sh) serving the export's q8_0 GGUF on a
   loopback port (its output in OUT.server.log), answered through endpoint.answers (what `infer.py --endpoint` uses)
-  with each --concurrency.
+  with each --concurrency; then, where --llama-server exists (`./setup.sh --llama-server` builds it), llama.cpp's C++
+  server with as many parallel slots as the highest --concurrency (its output in OUT.llama-server.log).
 New tokens per second of wall time: every answer's new tokens (as each side counts them, end token included) over
 the time from the first request to the last answer. Each side first answers one prompt to warm up, not counted.
 """
@@ -34,6 +35,8 @@ def parse_args(argv=None):
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--batch-size", type=int, default=GENERATION_BATCH_SIZE, help="in-process batch (infer.py's default)")
     p.add_argument("--concurrency", default="1,16", help="requests in flight at the server, one measurement each")
+    p.add_argument("--llama-server", type=Path, default=REPO / ".venv/bin/llama-server",
+                   help="llama.cpp's C++ server binary; left out where it does not exist")
     p.add_argument("--out", type=Path, default=Path("benchmarks/results/serving.json"))
     args = p.parse_args(argv)
     try:
@@ -53,16 +56,18 @@ def in_process(merged, prompts, system_prompt, max_new_tokens, batch_size):
     return measured(records, time.time() - started, f"in process (merged/, batch {batch_size})")
 
 
-def served(gguf, prompts, system_prompt, max_new_tokens, concurrencies, log):
-    """llama.cpp's server with the GGUF, measured at each concurrency, stopped at the end."""
-    with endpoint.llama_cpp_server(gguf, log) as url:
+def served(gguf, prompts, system_prompt, max_new_tokens, concurrencies, log, binary=None):
+    """llama.cpp's server with the GGUF (llama-cpp-python's, or the C++ `binary` with a slot per request in flight),
+    measured at each concurrency, stopped at the end."""
+    name = "llama-server" if binary else "llama-cpp-python server"
+    with endpoint.llama_cpp_server(gguf, log, binary, parallel=max(concurrencies)) as url:
         server = endpoint.Endpoint(url)
         endpoint.answers(server, prompts[:1], system_prompt, 4, 1)  # warm-up
         results = []
         for concurrency in concurrencies:
             started = time.time()
             records = endpoint.answers(server, prompts, system_prompt, max_new_tokens, concurrency)
-            results.append(measured(records, time.time() - started, f"llama.cpp server ({gguf.name}), concurrency {concurrency}"))
+            results.append(measured(records, time.time() - started, f"{name} ({gguf.name}), concurrency {concurrency}"))
         return results
 
 
@@ -79,6 +84,11 @@ def main():
     rows = [in_process(args.export / "merged", prompts, system_prompt, args.max_new_tokens, args.batch_size)]
     rows += served(args.export / args.gguf, prompts, system_prompt, args.max_new_tokens, args.concurrency,
                    args.out.with_suffix(".server.log"))
+    if args.llama_server.is_file():
+        rows += served(args.export / args.gguf, prompts, system_prompt, args.max_new_tokens, args.concurrency,
+                       args.out.with_suffix(".llama-server.log"), args.llama_server)
+    else:
+        print(f"no {shown_path(args.llama_server)}: the C++ server is left out (./setup.sh --llama-server builds it)")
     for row in rows:
         row["speedup_vs_in_process"] = round(row["new_tokens_per_s"] / rows[0]["new_tokens_per_s"], 2)
     write_json(args.out, {"prompts": shown_path(args.prompts), "limit": len(prompts), "max_new_tokens": args.max_new_tokens,
