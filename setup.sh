@@ -55,10 +55,9 @@ if ! $py -c "import llama_cpp, sys; sys.exit(llama_cpp.__version__ != '$llama_cp
 fi
 # Optional: llama.cpp's C++ server from the same source package, for serving many users on a CPU (README, Serving many
 # users): unlike llama-cpp-python's server it decodes concurrent requests together (--parallel). One static binary,
-# same CPU flags as above, no web UI; about 15 minutes on 2 cores, once.
+# same CPU flags as above, no web UI; once, 37 minutes on 2 cores here while other jobs shared them.
 if [[ " $* " == *" --llama-server "* ]] && [ "$(cat .venv/llama-server.VERSION 2>/dev/null)" != "$llama_cpp_python" ]; then
-  src=.venv/cache/llama.cpp-src
-  rm -rf "$src" && mkdir -p "$src"
+  src=$(mktemp -d)  # outside the repository: CMake would take its .git for llama.cpp's own
   tar xzf "$sdist" -C "$src" --strip-components=3 "llama_cpp_python-$llama_cpp_python/vendor/llama.cpp"
   cmake -S "$src" -B "$src/build" -DCMAKE_BUILD_TYPE=Release -DBUILD_SHARED_LIBS=OFF $cpu_flags \
     -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_OPENSSL=OFF -DLLAMA_BUILD_UI=OFF -DLLAMA_USE_PREBUILT_UI=OFF > /dev/null
