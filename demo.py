@@ -37,7 +37,7 @@ from common import (
 from endpoint import API_KEY_VARIABLE, SERVER_CONTEXT_TOKENS, Endpoint
 from models import (add_model_arguments, adapter_mode, load_for_inference, model_source, prepare_tokenizer, render_chat,
                     run_config)
-from scope import SECRETS_NOTICE, checked_answer, load_guard, mask_secrets
+from scope import SECRETS_NOTICE, checked_answer, load_guard, mask_secrets, without_slots
 
 DEFAULT_HOST = "127.0.0.1"  # loopback: nobody else can reach the demo unless --host says so
 DEFAULT_PORT = 7860
@@ -206,10 +206,16 @@ def prompt_tokens(tokenizer, messages):
 
 
 def shown(answer, company, user_messages, show_raw):
-    """An answer as displayed; the order number comes from the customer's latest message that has one."""
+    """An answer as displayed; the order number comes from the customer's latest message that has one. A sentence with
+    a slot the company profile cannot fill is left out rather than shown with its braces (10 of the README run's 138
+    held-out answers had one)."""
     if not answer.strip():
         return NO_TEXT  # an empty bubble would look like a broken page
-    return answer if show_raw else fill_placeholders(answer, company, "\n".join(reversed(user_messages)))[0]
+    if show_raw:
+        return answer
+    messages = "\n".join(reversed(user_messages))
+    unknown = fill_placeholders(answer, company, messages)[1]  # sentences are cut before filling: "order 55123." ends none
+    return fill_placeholders(without_slots(answer, unknown), company, messages)[0]
 
 
 def chat_view(turns, company, show_raw):

@@ -203,6 +203,15 @@ def checked_answer(answer, message):
     return "".join(kept).strip()
 
 
+def without_slots(answer, names):
+    """The answer without each sentence that still holds one of the {{slots}} `names` (ones the company profile has no
+    value for: the tuned SmolLM2 invents slots like {{Account Number}}); the answer as it was when nothing is left."""
+    pieces = SENTENCE_GAP.split(answer)
+    slots = tuple("{{" + name + "}}" for name in names)
+    kept = [sentence + gap for sentence, gap in zip(pieces[::2], pieces[1::2] + [""]) if not any(s in sentence for s in slots)]
+    return "".join(kept).strip() or answer
+
+
 def luhn_valid(digits):
     total = 0
     for position, digit in enumerate(int(d) for d in reversed(digits)):

@@ -110,7 +110,7 @@ def test_raw_toggle_and_filling_with_the_latest_order_number(company):
     turns = [{"user": "cancel order #4411", "answer": "Order {{Order Number}} can be cancelled on {{Website URL}}. {{Mystery}}"},
              {"user": "and when are you open?", "answer": "{{Customer Support Hours}}, for order {{Order Number}}."}]
     filled = [m["content"] for m in demo.chat_view(turns, company, show_raw=False)]
-    assert filled[1] == "Order 4411 can be cancelled on https://northwind.example. {{Mystery}}"
+    assert filled[1] == "Order 4411 can be cancelled on https://northwind.example."  # the {{Mystery}} sentence left out
     assert filled[3] == "Monday to Friday, 8am to 6pm ET, for order 4411."
     raw = [m["content"] for m in demo.chat_view(turns, company, show_raw=True)]
     assert raw[1] == turns[0]["answer"] and raw[3] == turns[1]["answer"]
@@ -303,3 +303,12 @@ def test_fifty_users_at_once(server, monkeypatch):
           f"{seconds:.1f} s in all; latency p50 {p50:.2f} s, p95 {p95:.2f} s; "
           f"server RSS {rss_before:.0f} -> {rss_after:.0f} MB")
     assert rss_after - rss_before < RSS_GROWTH_LIMIT_MB
+
+
+def test_a_sentence_with_a_slot_the_company_cannot_fill_is_not_shown(company):
+    # the README run's tuned model wrote slots like these (docs/heldout-subset500/report.md)
+    answer = "I can help with your refund for order {{Order Number}}. Please send us your {{Account Number}}.\nThanks!"
+    assert demo.shown(answer, company, ["refund for #55123 please"], show_raw=False) == \
+        "I can help with your refund for order 55123. Thanks!"
+    assert demo.shown(answer, company, ["refund please"], show_raw=True) == answer  # raw: everything, braces included
+    assert demo.shown("Send your {{Account Number}}.", company, ["hi"], show_raw=False) == "Send your {{Account Number}}."
