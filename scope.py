@@ -191,9 +191,8 @@ def checked_answer(answer, message):
     """The model's answer as the guarded product shows it: each sentence with a critical failure is left out, and the
     first one that asked for a secret becomes SECURITY_NOTE. The rest keeps its line breaks; "" when nothing is left.
     A 135M model asks "could you provide your username and password?" on its own (see README, Quality)."""
-    pieces = SENTENCE_GAP.split(answer)
     kept, noted = [], False
-    for sentence, gap in zip(pieces[::2], pieces[1::2] + [""]):
+    for sentence, gap in sentences(answer):
         problems = critical_failures(sentence, message)
         if "asks_for_secret" in problems and not noted:
             sentence, noted = SECURITY_NOTE, True
@@ -203,12 +202,17 @@ def checked_answer(answer, message):
     return "".join(kept).strip()
 
 
+def sentences(text):
+    """(sentence, the whitespace after it) pairs that join back into text."""
+    pieces = SENTENCE_GAP.split(text)
+    return zip(pieces[::2], pieces[1::2] + [""])
+
+
 def without_slots(answer, names):
     """The answer without each sentence that still holds one of the {{slots}} `names` (ones the company profile has no
     value for: the tuned SmolLM2 invents slots like {{Account Number}}); the answer as it was when nothing is left."""
-    pieces = SENTENCE_GAP.split(answer)
     slots = tuple("{{" + name + "}}" for name in names)
-    kept = [sentence + gap for sentence, gap in zip(pieces[::2], pieces[1::2] + [""]) if not any(s in sentence for s in slots)]
+    kept = [sentence + gap for sentence, gap in sentences(answer) if not any(s in sentence for s in slots)]
     return "".join(kept).strip() or answer
 
 
