@@ -451,7 +451,11 @@ def encode_split(tokenizer, system_prompt, split, max_seq_length):
     kept = [e for e in encoded if len(e["input_ids"]) <= max_seq_length]
     if not kept:
         raise UserError(f"every example is longer than --max-seq-length {max_seq_length}: raise it")
-    return Dataset.from_list(kept), len(encoded) - len(kept)
+    dataset = Dataset.from_list(kept)
+    # Unsloth's own hook for pre-tokenized data: without this claim it refills max_length from the model and, as the
+    # dataset can't be truncated there, silently turns padding-free off (what ran on the H200, 27 Nov: BENCHMARKS.md)
+    dataset._unsloth_truncated_to = max_seq_length
+    return dataset, len(encoded) - len(kept)
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -465,8 +465,8 @@ def build_trainer(settings, model, tokenizer, train_dataset, eval_dataset, outpu
 
     padding_free: flatten each micro-batch into one row with per-example position ids instead of padding it (TRL's
     collator; Unsloth passes the example lengths to its attention so examples never attend to each other, which
-    tests/test_finetune.py checks on the loss). Unsloth's CPU fallback turns it off (SDPA there would cross
-    examples); train() records what ran. logging_dir: where --report-to tensorboard writes (the checkpoints in
+    tests/test_finetune.py checks on the loss). Unsloth's CPU fallback turns it off; on a GPU it keeps it only
+    because data.encode_split's datasets claim their length (see there); train() records what ran. logging_dir: where --report-to tensorboard writes (the checkpoints in
     output_dir are deleted after training). config_overrides replace SFTConfig fields.
     """
     from trl import SFTConfig, SFTTrainer
@@ -497,8 +497,8 @@ def build_trainer(settings, model, tokenizer, train_dataset, eval_dataset, outpu
         seed=settings.seed,
         data_seed=settings.seed,
         report_to=settings.report_to,
-        # encode_split already left out the examples over max_seq_length; a max_length here would make Unsloth turn
-        # padding-free off ("your dataset is already tokenized and cannot be truncated here"), as it did on the H200
+        # encode_split already left out the examples over max_seq_length (and says so to Unsloth, which refills
+        # max_length from the model anyway: without that claim it ran padded on the H200)
         max_length=None,
         padding_free=padding_free,
         dataset_kwargs={"skip_prepare_dataset": True},  # already tokenized, with answer-only labels

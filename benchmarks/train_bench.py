@@ -252,7 +252,7 @@ def run_variant(args):
             config["max_length"] = settings.max_seq_length  # the length packed rows are filled to
         trainer = training.build_trainer(settings, model, tokenizer, dataset, None, scratch, native_bf16, padding_free,
                                          callbacks=[timer], save_strategy="no", **config)
-        # Unsloth's CPU fallback switches padding_free / packing off (SDPA would attend across examples): record what ran.
+        # Unsloth may switch padding_free / packing off (its CPU fallback always does): record what ran.
         requested = {"padding_free": padding_free, "packing": config.get("packing", False)}
         effective = {key: getattr(trainer.args, key) for key in requested}
         counter = TokenCounter(trainer.data_collator)
@@ -378,8 +378,8 @@ def markdown(report):
         if ignored:
             asked = ", ".join(f"{k}={r['requested'][k]}" for k in ignored)
             ran = ", ".join(f"{k}={r['effective'][k]}" for k in ignored)
-            notes.append(f"{r['variant']}: asked for {asked}, the trainer ran with {ran} (Unsloth's CPU fallback turns "
-                         "them off: without FlashAttention the flattened examples would attend to each other).")
+            notes.append(f"{r['variant']}: asked for {asked}, the trainer ran with {ran} (Unsloth turned it off: its "
+                         "CPU fallback always does; on a GPU its log in the variant's log file says why).")
         mode = " (padding-free)" if r["effective"]["padding_free"] else ""
         cells = [r["variant"] + mode + (" (ignored: see note)" if ignored else ""), f"{r['step_time_s_median']:.2f}",
                  f"{r['tokens_per_s']:.1f}", f"{r['padded_tokens_per_s']:.1f}",

@@ -591,3 +591,19 @@ def test_help_shows_every_setting_with_its_default():
         assert f"--{name.replace('_', '-')}" in result.stdout and f"--{name}" in result.stdout
     assert "--weight-decay WEIGHT_DECAY, --weight_decay WEIGHT_DECAY" in result.stdout
     assert "(default: linear)" in result.stdout and "(default: none)" in result.stdout
+
+
+def test_encoded_splits_keep_padding_free_on_a_gpu(tiny_llama, bundled_rows):
+    """On the H200 Unsloth ran every micro-batch padded although finetune.py asked for padding-free: it refills max_length
+    from the model and, for a pre-tokenized dataset it can't truncate, keeps padding-free only if the dataset claims it is
+    already within that length (it does not scan the rows there). Unsloth's own reading of that claim (inlined in its
+    generated trainer) must accept encode_split's output at the length it was cut to, and refuse it at a shorter one."""
+    from unsloth.models.rl import _attested_within_cap
+
+    import data
+    from common import read_system_prompt
+    from models import load_tokenizer
+
+    dataset, _ = data.encode_split(load_tokenizer(tiny_llama), read_system_prompt(), bundled_rows.head(8), 1024)
+    assert _attested_within_cap(dataset, 1024) is True and max(map(len, dataset["input_ids"])) <= 1024
+    assert _attested_within_cap(dataset, 512) is False  # None: no claim at all, which turned padding-free off
