@@ -22,7 +22,7 @@ from pathlib import Path
 
 from common import HELDOUT_FILE, REPO, UserError, building, read_prompts, read_system_prompt, run_main, shown_path, write_json
 from models import (GENERATION_BATCH_SIZE, TEMPLATE_DATE, chat_messages, dtype_name, generate, load_for_inference,
-                    merge_adapter, render_chat, run_config)
+                    merge_adapter, render_chat, run_config, template_with_pinned_date)
 
 FORMATS = ("merged", "gguf")
 LLAMA_CPP_DIR = REPO / ".venv" / "llama.cpp"  # setup.sh extracts llama.cpp's converter here
@@ -36,7 +36,7 @@ PREFIX_TOKENS = 32  # a GGUF answer in llama.cpp agrees when its first 32 tokens
 STOP_CHECK_TOKENS = 256  # and it should end with the end token within this many
 # Ollama wants the chat template in Go's text/template form. One entry per chat format this project trains with,
 # keyed by its end-of-turn token: the BOS the template writes, how a turn starts, what the system turn begins with
-# (Llama 3's pinned date, see common.TEMPLATE_DATE) and how a turn ends. write_modelfile checks the entry against
+# (Llama 3's pinned date, see models.TEMPLATE_DATE) and how a turn ends. write_modelfile checks the entry against
 # the model's own template before using it.
 OLLAMA_FORMATS = {
     "<|im_end|>": {"bos": "", "start": "<|im_start|>{role}\n", "system_prefix": "", "end": "<|im_end|>\n",
@@ -169,6 +169,7 @@ def save_merged(model, tokenizer, folder):
     for config in (model.config, model.generation_config):
         config.eos_token_id, config.pad_token_id = tokenizer.eos_token_id, tokenizer.pad_token_id
     model.to(dtype).save_pretrained(folder)
+    tokenizer.chat_template = template_with_pinned_date(tokenizer.chat_template)  # and so every GGUF made from it
     tokenizer.save_pretrained(folder)
     untangle_byte_level_tokenizer(folder / "tokenizer.json")
     return dtype_name(dtype)

@@ -151,6 +151,15 @@ def chat_messages(system_prompt, instruction, response=None):
     return messages
 
 
+def template_with_pinned_date(template):
+    """The chat template with TEMPLATE_DATE where Llama 3's writes today's date. Runtimes that define strftime_now
+    (llama.cpp, whose server and llama-cpp-python then wrote "Today Date: 27 Nov 2026" in a served prompt) would
+    otherwise prompt the model with a date it was never tuned with; templates without it come back unchanged."""
+    if not isinstance(template, str):
+        return template
+    return template.replace('strftime_now("%d %b %Y")', f'"{TEMPLATE_DATE}"')
+
+
 def render_chat(tokenizer, messages, add_generation_prompt=False):
     return tokenizer.apply_chat_template(
         messages, tokenize=False, add_generation_prompt=add_generation_prompt, date_string=TEMPLATE_DATE

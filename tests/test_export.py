@@ -126,6 +126,22 @@ def test_bad_push_to_hub(flags, message, monkeypatch):
     assert_user_error(run_script("finetune.py", "--from-run", "runs/x", *flags), message)
 
 
+def test_exported_llama_template_writes_the_trained_date_where_a_runtime_has_strftime_now(llama_tokenizer):
+    """llama.cpp's Jinja formatter defines strftime_now, so Llama 3.2's own template wrote today's date into served
+    prompts; the exported template writes the date training pinned, and ChatML's is unchanged."""
+    from llama_cpp.llama_chat_format import Jinja2ChatFormatter
+
+    from models import chat_messages, load_tokenizer, render_chat, template_with_pinned_date
+
+    messages = chat_messages("Be helpful.", "cancel my order")
+    for template in (llama_tokenizer.chat_template, template_with_pinned_date(llama_tokenizer.chat_template)):
+        served = Jinja2ChatFormatter(template=template, eos_token="<|eot_id|>", bos_token="<|begin_of_text|>")(messages=messages)
+        trained = render_chat(llama_tokenizer, messages, add_generation_prompt=True)
+        assert (served.prompt == trained) == (template != llama_tokenizer.chat_template)
+    chatml = load_tokenizer("smollm2").chat_template
+    assert template_with_pinned_date(chatml) == chatml
+
+
 def test_ollama_templates_match_the_models_own_chat_templates(llama_tokenizer):
     from models import TEMPLATE_DATE, load_tokenizer
 
@@ -159,9 +175,9 @@ def test_tiny_model_export_merged_and_gguf(tiny_run, tmp_path, monkeypatch):
     assert 0 <= check["merged"]["agreement"] <= 1 and len(check["merged"]["differences"]) == 3 - check["merged"]["same"]
     for name in ("model-f16.gguf", "model-q8_0.gguf", "model-q4_k_m.gguf"):
         gguf = check["gguf"][name]  # run in llama.cpp through the Llama 3 template stored in the file
-        # recorded, not asserted: for Llama 3 llama.cpp's prompt ids differed from the merged tokenizer's (not yet explained;
-        # SmolLM2's match, see the SmolLM2 test)
-        assert gguf["bytes"] == (out / name).stat().st_size and gguf["same_prompt_token_ids"] in (True, False), gguf
+        # llama.cpp renders the file's template with strftime_now: the export pins the date training used, else its
+        # prompts carried today's date and differed from the merged tokenizer's
+        assert gguf["bytes"] == (out / name).stat().st_size and gguf["same_prompt_token_ids"], gguf
         assert gguf["tokenizer_pre"] == "llama-bpe" and 0 <= gguf["agreement"] <= 1 and gguf["runtime"].startswith("llama.cpp")
         assert gguf["tokenizer_model"] == "gpt2" and gguf["eos_token_id"] == 128009
     sizes = [check["gguf"][name]["bytes"] for name in ("model-f16.gguf", "model-q8_0.gguf", "model-q4_k_m.gguf")]
