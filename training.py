@@ -466,8 +466,9 @@ def build_trainer(settings, model, tokenizer, train_dataset, eval_dataset, outpu
     padding_free: flatten each micro-batch into one row with per-example position ids instead of padding it (TRL's
     collator; Unsloth passes the example lengths to its attention so examples never attend to each other, which
     tests/test_finetune.py checks on the loss). Unsloth's CPU fallback turns it off; on a GPU it keeps it only
-    because data.encode_split's datasets claim their length (see there); train() records what ran. logging_dir: where --report-to tensorboard writes (the checkpoints in
-    output_dir are deleted after training). config_overrides replace SFTConfig fields.
+    because data.encode_split's datasets claim their length (see there); train() records what ran.
+    logging_dir: where --report-to tensorboard writes (the checkpoints in output_dir are deleted after training).
+    config_overrides replace SFTConfig fields.
     """
     from trl import SFTConfig, SFTTrainer
 

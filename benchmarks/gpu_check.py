@@ -42,7 +42,8 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", type=Path, help="model dir (default on a GPU: the Llama 3.2 3B shape, random weights)")
     p.add_argument("--out", type=Path, default=Path("benchmarks/results/gpu_check.json"))
-    p.add_argument("--budget-s", type=float, default=510, help="start no step after this many seconds; each step is stopped at it (a 30 s minimum)")
+    p.add_argument("--budget-s", type=float, default=510,
+                   help="start no step after this many seconds; each step is stopped at it (a 30 s minimum)")
     p.add_argument("--quick", action="store_true", help="smallest sizes (a CPU check of the script)")
     p.add_argument("--steps", default=",".join(STEPS))
     p.add_argument("--step", choices=["padding-free", "compare"], help=argparse.SUPPRESS)  # internal: one in-process step
