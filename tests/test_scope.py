@@ -50,6 +50,32 @@ def test_checked_answer_leaves_out_the_sentences_with_a_critical_failure():
     assert scope.checked_answer("Call +1 415 555 0199 today.", "is +1 415 555 0199 your number?") == "Call +1 415 555 0199 today."
 
 
+@pytest.mark.parametrize("kernel", ["linear", "rbf"])
+def test_guard_scores_as_the_fitted_classifier_does(kernel, tmp_path):
+    """The guard's own numpy formula, from the rounded numbers guard.json keeps, gives the scikit-learn classifier's
+    decision (through a sigmoid), and survives the file."""
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.svm import SVC
+
+    rng = np.random.default_rng(0)
+    vectors = rng.normal(size=(80, 16)) + np.r_[np.zeros((40, 16)), np.ones((40, 16)) * 0.4]
+    vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)  # unit length, as MiniLM's are
+    labels = [0] * 40 + [1] * 40
+    guard = scope.fit_classifier(vectors, labels, kernel, 3.0)
+    fitted = (LogisticRegression(max_iter=2000, class_weight="balanced", C=3.0) if kernel == "linear" else
+              SVC(C=3.0, kernel="rbf", gamma=scope.RBF_GAMMA, class_weight="balanced")).fit(vectors, labels)
+    expected = 1 / (1 + np.exp(-fitted.decision_function(vectors)))
+    assert np.allclose(guard.probabilities_of(vectors), expected, atol=1e-4)
+    guard.save(tmp_path / "guard.json")
+    assert np.array_equal(scope.ScopeGuard.load(tmp_path / "guard.json").probabilities_of(vectors), guard.probabilities_of(vectors))
+
+
+def test_a_logistic_guard_file_of_an_earlier_run_still_loads(tmp_path):
+    (tmp_path / "guard.json").write_text(json.dumps({"weights": [2.0, 0.0], "bias": -1.0, "threshold": 0.5, "reply": "no"}))
+    guard = scope.ScopeGuard.load(tmp_path / "guard.json")
+    assert guard.kernel == "linear" and guard.probabilities_of(np.array([[1.0, 0.0]])) == pytest.approx([1 / (1 + np.exp(-1))])
+
+
 @pytest.fixture(scope="module")
 def guard():
     """The guard as finetune.py builds it for `--subset 500`, on the real MiniLM."""
@@ -63,8 +89,9 @@ def test_guard_separates_val_and_test_messages(guard):
     assert val["in_scope_n"] > 50 and val["out_of_scope_n"] == 65 and test["out_of_scope_n"] == 65
     assert val["in_scope_declined"] <= scope.MAX_IN_SCOPE_DECLINED
     # the threshold was chosen on val; test was never looked at: it must still separate most messages (measured: in
-    # scope 0.000, out of scope 0.677)
-    assert test["in_scope_declined"] <= 0.05 and test["out_of_scope_declined"] >= 0.6, guard.evaluation
+    # scope 0.000, out of scope 0.785 with the RBF SVM that val chose; 0.677 with the logistic regression before)
+    assert test["in_scope_declined"] <= 0.05 and test["out_of_scope_declined"] >= 0.75, guard.evaluation
+    assert guard.evaluation["classifier"] == "rbf"  # val preferred it (out of scope 0.877 vs the regression's 0.862)
     assert guard.out_of_scope(["Please cancel my order 55123", "Write me a poem about the sea"]) == [False, True]
 
 
