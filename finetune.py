@@ -239,7 +239,7 @@ onto the base model.{gguf_note}
 - Source: `{manifest['source']}`: {data.describe_balance(manifest['source_balance'])}.
 - Train / val / test rows: {rows['train']} / {rows['val']} / {rows['test']} (stratified by intent; see manifest.json),
   with the project's written in-scope customer messages (`prompts/in_scope.jsonl`) where their intents are in the data.
-- `guard.json` beside this card is the run's scope guard (MiniLM embeddings + logistic regression; see scope.py):
+- `guard.json` beside this card is the run's scope guard (a classifier on MiniLM embeddings; see scope.py):
   demo.py and infer.py answer the messages it finds out of scope with its fixed reply.
 {BITEXT_NOTICE if bitext else ""}- The base model's own license applies to the base weights and to this adapter's use with them; the code that
   trained it is Apache-2.0.

@@ -172,7 +172,7 @@ class ScopeGuard:
         path = Path(path)
         try:
             data = json.loads(path.read_text(encoding="utf-8"))
-            if "weights" in data:  # a logistic-regression guard of a run before 28 Nov
+            if "weights" in data:  # a logistic-regression guard from before the SVM (27 Nov)
                 data.update(support_vectors=[data.pop("weights")], dual_coef=[1.0])
             return cls(**{k: data[k] for k in ("support_vectors", "dual_coef", "bias", "threshold", "reply")},
                        kernel=data.get("kernel", "linear"), gamma=data.get("gamma", 0.0),
