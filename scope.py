@@ -282,7 +282,6 @@ def train_guard(in_scope, out_of_scope, val_in_scope, val_out_of_scope, reply, t
                 embedder=None, english_only_reply=""):
     """Fit the guard on training messages, choosing its classifier, regularisation and threshold on the val messages
     only; report the val (and test) rates."""
-
     if not in_scope or not out_of_scope or not val_in_scope or not val_out_of_scope:
         raise UserError("the scope guard needs in-scope and out-of-scope messages in both train and val: "
                         "check --fallback-file, or pass --no-guard")
