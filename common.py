@@ -128,6 +128,13 @@ def parse_company(text, source="the company profile"):
     return {k: str(v) for k, v in profile.items()}
 
 
+def run_slot_names(run_dir):
+    """The {{slot}} names in a finetune.py run's training answers: the slots its model learned to write."""
+    rows = read_jsonl(Path(run_dir) / "train.jsonl", needs=("response",), what="split file",
+                      fix="pass --run a complete finetune.py output dir")
+    return frozenset(name for row in rows for name in PLACEHOLDER.findall(row["response"]))
+
+
 def fill_placeholders(answer, company, user_message=""):
     """Replace {{slots}} in a model answer; the order number comes from the user's message when it has one.
 

@@ -33,10 +33,11 @@ from common import (
     read_jsonl,
     read_system_prompt,
     run_main,
+    run_slot_names,
 )
 from endpoint import API_KEY_VARIABLE, SERVER_CONTEXT_TOKENS, Endpoint
-from models import (add_model_arguments, adapter_mode, load_for_inference, model_source, prepare_tokenizer, render_chat,
-                    run_config)
+from models import (SlotNames, add_model_arguments, adapter_mode, load_for_inference, model_source, prepare_tokenizer,
+                    render_chat, run_config)
 from scope import SECRETS_NOTICE, checked_answer, load_guard, mask_secrets, without_slots
 
 DEFAULT_HOST = "127.0.0.1"  # loopback: nobody else can reach the demo unless --host says so
@@ -119,6 +120,7 @@ class Bot:
     guard: object = None  # the run's scope.ScopeGuard, or None
     lock: threading.Lock = field(default_factory=threading.Lock)
     endpoint: Endpoint = None  # answers come from this server instead of the model
+    slot_names: frozenset = None  # the {{slots}} answers may use (models.SlotNames); None: any
 
 
 def context_size(model, config):
@@ -137,7 +139,7 @@ def stream_generate(bot, messages, max_new_tokens, use_adapter=True):
         yield from bot.endpoint.stream(messages, max_new_tokens)  # the server queues concurrent requests itself
         return
     import torch
-    from transformers import StoppingCriteria, StoppingCriteriaList, TextIteratorStreamer
+    from transformers import LogitsProcessorList, StoppingCriteria, StoppingCriteriaList, TextIteratorStreamer
 
     stop = threading.Event()
 
@@ -149,6 +151,7 @@ def stream_generate(bot, messages, max_new_tokens, use_adapter=True):
     text = render_chat(tokenizer, messages, add_generation_prompt=True)
     inputs = tokenizer(text, return_tensors="pt", add_special_tokens=False).to(bot.model.device)
     streamer = TextIteratorStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
+    slots = [SlotNames(tokenizer, bot.slot_names, inputs["input_ids"].shape[1])] if bot.slot_names else []
     failure = []
 
     def work():
@@ -156,7 +159,8 @@ def stream_generate(bot, messages, max_new_tokens, use_adapter=True):
             with torch.inference_mode(), adapter_mode(bot.model, use_adapter):
                 bot.model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False, streamer=streamer,
                                    eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
-                                   stopping_criteria=StoppingCriteriaList([StopWhenAsked()]))
+                                   stopping_criteria=StoppingCriteriaList([StopWhenAsked()]),
+                                   logits_processor=LogitsProcessorList(slots))
         except Exception as error:  # shown to the user by the caller; the streamer must still end
             failure.append(error)
             streamer.end()
@@ -386,7 +390,8 @@ def main(args=None):
         bot, label = endpoint_bot(args, system_prompt, guard)
     else:
         model, tokenizer, config = load_for_inference(**model_source(args))
-        bot = Bot(model, tokenizer, system_prompt, context_size(model, config), has_adapter=tuned, guard=guard)
+        bot = Bot(model, tokenizer, system_prompt, context_size(model, config), has_adapter=tuned, guard=guard,
+                  slot_names=run_slot_names(args.run) if args.run else None)
         label = args.run or args.merged or args.gguf or args.model or config.get("base_model") or "base model"
     import gradio as gr
 

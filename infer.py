@@ -43,6 +43,7 @@ from common import (
     read_prompts,
     read_system_prompt,
     run_main,
+    run_slot_names,
     shown_path,
     write_json,
     write_jsonl,
@@ -165,11 +166,13 @@ class Generation:
     system_prompt: str
     max_new_tokens: int = 256
     batch_size: int = GENERATION_BATCH_SIZE
+    slot_names: frozenset = None  # the {{slots}} answers may use (models.SlotNames); None: any, as with a server
 
 
 def answer_with(model, tokenizer, prompts, generation, use_adapter=True):
     with adapter_mode(model, use_adapter):
-        return generate(model, tokenizer, prompts, generation.system_prompt, generation.max_new_tokens, generation.batch_size)
+        return generate(model, tokenizer, prompts, generation.system_prompt, generation.max_new_tokens, generation.batch_size,
+                        generation.slot_names)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -467,7 +470,7 @@ def compare_run(run_dir, prompts_file=HELDOUT_FILE, limit=None, system_prompt_fi
     """`infer.py --run RUN_DIR --compare`: base vs tuned on the held-out prompts and the run's test split, into RUN_DIR/eval."""
     items = prompt_items(prompts_file=prompts_file, limit=limit)
     company = load_company(company_file)
-    generation = Generation(read_system_prompt(system_prompt_file), max_new_tokens, batch_size)
+    generation = Generation(read_system_prompt(system_prompt_file), max_new_tokens, batch_size, run_slot_names(run_dir))
     model, tokenizer, _ = load_for_inference(run=run_dir)
     return evaluate(in_process(model, tokenizer, generation), Path(run_dir), items, shown_path(prompts_file), company)
 
@@ -503,7 +506,7 @@ def evaluate(answerers, run_dir, items, label, company, guard=None, with_test_sp
     """
     train_rows, test_rows = read_jsonl(run_dir / "train.jsonl"), read_jsonl(run_dir / "test.jsonl")
     classifier = IntentClassifier(train_rows, test_rows)
-    inventory = {name for r in train_rows for name in PLACEHOLDER.findall(r["response"])}
+    inventory = run_slot_names(run_dir)
     scope_guard = scope.load_guard(run_dir, guard)  # a broken guard file stops the comparison now, not after generating
     sets = {label: items}
     if with_test_split:  # every comparison also answers the run's own test rows: real data, in scope but for the fallbacks
@@ -579,7 +582,8 @@ def main():
     args = parse_args()
     items = prompt_items(args.prompt, args.prompts, args.run, args.split, args.limit)
     company = load_company(args.company)
-    generation = Generation(read_system_prompt(args.system_prompt_file), args.max_new_tokens, args.batch_size)
+    generation = Generation(read_system_prompt(args.system_prompt_file), args.max_new_tokens, args.batch_size,
+                            run_slot_names(args.run) if args.run else None)
     label = args.prompt and "one prompt" or (f"{args.split} split" if args.split else shown_path(args.prompts or HELDOUT_FILE))
     if args.endpoint:
         tuned = endpoint.Endpoint(args.endpoint, args.endpoint_model)

@@ -50,6 +50,44 @@ def test_placeholder_validity():
     assert infer.placeholder_problems("Order {{Order Number}.", inventory) == ([], 3)
 
 
+def slot_decode(tokenizer, start, wanted, names):
+    """Greedy decoding by a stand-in for a model that wants to write `wanted` after `start` (its next piece scores
+    highest, every other token a little noise), through models.SlotNames when `names` is given; up to the first }}."""
+    import torch
+
+    from models import SlotNames
+
+    ids = tokenizer.encode(start, add_special_tokens=False)
+    processor = SlotNames(tokenizer, names, prompt_length=len(ids)) if names else None
+    for step in range(24):
+        answer = tokenizer.decode(ids)[len(start):]
+        if "}}" in answer or answer == wanted:
+            break
+        scores = torch.rand(1, len(tokenizer), generator=torch.Generator().manual_seed(step))
+        if wanted.startswith(answer):
+            scores[0, tokenizer.encode(wanted[len(answer):], add_special_tokens=False)[0]] = 10.0
+        if processor:
+            scores = processor(torch.tensor([ids]), scores)
+        ids.append(int(scores.argmax()))
+    return tokenizer.decode(ids)
+
+
+def test_slot_names_keep_answers_to_the_slots_the_run_learned(llama_tokenizer):
+    from common import PLACEHOLDER
+
+    names = {"Account Type", "Order Number", "Customer Support Phone Number"}
+    # without the processor the stand-in writes the slot it wants; with it, only names from the run's list
+    assert "{{Account Number}}" in slot_decode(llama_tokenizer, "Update your ", "{{Account Number}} details", None)
+    for start, wanted in [("Update your ", "{{Account Number}} details"),  # a name the run never used
+                          ("Call us at ", "{Customer Support Phone Number} today"),  # one brace too few
+                          ("Your order ", "{{Order Number}} is on its way")]:  # a known name: unchanged
+        text = slot_decode(llama_tokenizer, start, wanted, names)
+        answer = text[len(start):]
+        assert PLACEHOLDER.findall(answer) and set(PLACEHOLDER.findall(answer)) <= names, text
+        assert infer.placeholder_problems(answer, names) == ([], 0), text
+    assert slot_decode(llama_tokenizer, "Your order ", "{{Order Number}} is on its way", names).endswith("{{Order Number}}")
+
+
 def test_repetition():
     assert infer.repetition("one two three four five six") == 0
     assert infer.repetition("a b c d " * 10) > 0.8
