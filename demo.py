@@ -37,7 +37,7 @@ from common import (
 )
 from endpoint import API_KEY_VARIABLE, SERVER_CONTEXT_TOKENS, Endpoint
 from models import (SlotNames, add_model_arguments, adapter_mode, load_for_inference, model_source, prepare_tokenizer,
-                    render_chat, run_config)
+                    render_chat, run_config, slot_grammar)
 from scope import SECRETS_NOTICE, checked_answer, load_guard, mask_secrets, without_slots
 
 DEFAULT_HOST = "127.0.0.1"  # loopback: nobody else can reach the demo unless --host says so
@@ -70,6 +70,8 @@ def parse_args(argv=None):
     served.add_argument("--endpoint", help="the server's base URL, e.g. http://127.0.0.1:8080/v1; with --run, the run's guard, "
                                            "tokenizer and context length are used")
     served.add_argument("--endpoint-model", default="", help="model name to ask for (default: the server's first)")
+    served.add_argument("--slot-grammar", action="store_true",
+                        help="send a grammar that allows only the run's {{slots}} (llama.cpp servers; needs --run)")
     args = p.parse_args(argv)
     sources = sum(map(bool, [args.run or args.endpoint, args.base_only and not args.run, args.merged, args.gguf]))
     problems = [
@@ -78,6 +80,8 @@ def parse_args(argv=None):
         (not 1 <= args.port <= 65535, f"--port {args.port} is out of range: use 1-65535"),
         (args.auth is not None and parse_auth(args.auth) is None, "--auth must look like USER:PASSWORD, both non-empty"),
         (args.queue_size < 1, "--queue-size must be >= 1"),
+        (args.slot_grammar and not (args.endpoint and args.run),
+         "--slot-grammar sends the run's slot names to a llama.cpp server: pass --endpoint URL and --run DIR"),
         (args.guard and (not args.run or args.base_only), "--guard stands in front of a --run's tuned model: pass --run DIR"),
         (not 1 <= args.max_new_tokens <= MAX_NEW_TOKENS, f"--max-new-tokens must be between 1 and {MAX_NEW_TOKENS}"),
     ]
@@ -404,7 +408,8 @@ def main(args=None):
 def endpoint_bot(args, system_prompt, guard):
     """A Bot whose answers stream from --endpoint: the server is asked for its model now (a dead one is one error line);
     with --run, the run's tokenizer and training length bound the prompt, else an estimate and SERVER_CONTEXT_TOKENS."""
-    server = Endpoint(args.endpoint, args.endpoint_model)
+    grammar = slot_grammar(run_slot_names(args.run)) if args.slot_grammar else ""
+    server = Endpoint(args.endpoint, args.endpoint_model, grammar=grammar)
     server.served_model()
     tokenizer, context = None, SERVER_CONTEXT_TOKENS
     if args.run:

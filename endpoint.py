@@ -34,6 +34,7 @@ class Endpoint:
     url: str
     model: str = ""
     timeout_s: float = 600
+    grammar: str = ""  # a GBNF grammar sent with every request (llama.cpp's servers; models.slot_grammar)
 
     def __post_init__(self):
         self.url = self.url.rstrip("/")
@@ -74,7 +75,8 @@ class Endpoint:
                             "OpenAI-compatible server?") from None
 
     def body(self, messages, max_new_tokens):
-        return {"model": self.served_model(), "messages": messages, "max_tokens": max_new_tokens, "temperature": 0}
+        body = {"model": self.served_model(), "messages": messages, "max_tokens": max_new_tokens, "temperature": 0}
+        return dict(body, grammar=self.grammar) if self.grammar else body
 
     def answer(self, prompt, system_prompt, max_new_tokens):
         """One greedy answer as a generate() record (no token ids: the server keeps them)."""

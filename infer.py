@@ -51,7 +51,7 @@ from common import (
 from data import NO_INTENT
 from endpoint import API_KEY_VARIABLE
 from models import (GENERATION_BATCH_SIZE, add_model_arguments, adapter_mode, generate, load_for_inference, model_source,
-                    throughput_of)
+                    slot_grammar, throughput_of)
 
 OUT_OF_SCOPE = "out_of_scope"
 BOOTSTRAP_SAMPLES = 2000
@@ -91,6 +91,8 @@ def parse_args(argv=None):
     served.add_argument("--base-endpoint", help="with --compare: the base model's server")
     served.add_argument("--base-endpoint-model", default="", help="model name at --base-endpoint (default: the server's first)")
     served.add_argument("--concurrency", type=int, default=4, help="requests in flight at a time")
+    served.add_argument("--slot-grammar", action="store_true",
+                        help="send a grammar that allows only the run's {{slots}} (llama.cpp servers; needs --run)")
     out = p.add_argument_group("output")
     out.add_argument("--compare", action="store_true", help="base vs fine-tuned, with a Markdown/HTML report")
     out.add_argument("--out", type=Path, help="write one JSON record per prompt")
@@ -109,6 +111,8 @@ def parse_args(argv=None):
         (args.compare and args.endpoint and not args.run,
          "--compare scores with the run's training answers and test split: add --run DIR (the run the server's model came from)"),
         (args.concurrency < 1, "--concurrency must be >= 1"),
+        (args.slot_grammar and not (args.endpoint and args.run),
+         "--slot-grammar sends the run's slot names to a llama.cpp server: pass --endpoint URL and --run DIR"),
         (sum(map(bool, (args.run, args.merged, args.gguf))) > 1, "pass one of --run, --merged and --gguf"),
         ((args.merged or args.gguf) and (args.compare or args.base_only or args.model),
          "--merged and --gguf answer with that one model: drop --compare/--base-only/--model (compare with --run RUN --compare)"),
@@ -586,8 +590,9 @@ def main():
                             run_slot_names(args.run) if args.run else None)
     label = args.prompt and "one prompt" or (f"{args.split} split" if args.split else shown_path(args.prompts or HELDOUT_FILE))
     if args.endpoint:
-        tuned = endpoint.Endpoint(args.endpoint, args.endpoint_model)
-        base = endpoint.Endpoint(args.base_endpoint, args.base_endpoint_model) if args.base_endpoint else tuned
+        grammar = slot_grammar(generation.slot_names) if args.slot_grammar else ""
+        tuned = endpoint.Endpoint(args.endpoint, args.endpoint_model, grammar=grammar)
+        base = endpoint.Endpoint(args.base_endpoint, args.base_endpoint_model, grammar=grammar) if args.base_endpoint else tuned
         answerers = served(base, tuned, generation, args.concurrency)  # a base of its own only with --compare
     else:
         model, tokenizer, _ = load_for_inference(**model_source(args))

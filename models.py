@@ -433,6 +433,12 @@ class SlotNames:
         return sorted(allowed) or None
 
 
+def slot_grammar(names):
+    """SlotNames for a llama.cpp server: a GBNF grammar of text without braces but for {{slots}} from `names`."""
+    slots = " | ".join(json.dumps(name, ensure_ascii=False) for name in sorted(names))  # GBNF strings escape as JSON's
+    return f'root ::= piece*\npiece ::= [^{{}}] | "{{{{" slot "}}}}"\nslot ::= {slots}\n'
+
+
 @functools.lru_cache(maxsize=4)
 def token_texts(tokenizer):
     """Every token's text, sorted, with the ids in the same order (128k tokens of Llama 3.2: 1.5 s, so cached)."""

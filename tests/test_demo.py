@@ -179,6 +179,7 @@ def test_compare_answers_with_the_adapter_off_then_on(bot, company):
     (["RUN", "--company", "BAD_YAML"], "is not valid YAML"),
     (["RUN", "--company", "UNKNOWN_KEY"], "unknown placeholder 'Favourite Colour'"),
     (["NO_ADAPTER"], "no adapter in"),
+    (["RUN", "--slot-grammar"], "--slot-grammar sends the run's slot names to a llama.cpp server"),
 ])
 def test_bad_command_lines(tiny_run, tmp_path, argv, message):
     (tmp_path / "bad.yaml").write_text('"Website URL": [unclosed\n')

@@ -10,10 +10,11 @@ import time
 import pytest
 
 import export
-from common import SYSTEM_PROMPT_FILE
+import infer
+from common import SYSTEM_PROMPT_FILE, run_slot_names
 from conftest import REPO, assert_user_error, run_script
-from endpoint import free_port, llama_cpp_server
-from models import smollm2_gguf_path
+from endpoint import Endpoint, free_port, llama_cpp_server
+from models import slot_grammar, smollm2_gguf_path
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -253,6 +254,15 @@ def test_infer_endpoint_against_llama_cpp_servers(smollm2_export, smollm2_run, t
         records = [json.loads(line) for line in answers.read_text().splitlines()]
         assert len(records) == 4 and all(r["new_tokens"] > 0 and r["filled_response"] for r in records), records
         assert [r["prompt"] for r in records] == [json.loads(line)["prompt"] for line in open("prompts/heldout.jsonl")][:4]
+        # --slot-grammar: llama.cpp decodes with the run's slot names only (the grammar is obeyed: see the last check)
+        result = run_script("infer.py", "--endpoint", tuned, "--run", smollm2_run, "--slot-grammar", "--limit", "4",
+                            "--max-new-tokens", "48", "--concurrency", "2", "--out", answers)
+        assert result.returncode == 0, result.stderr[-3000:]
+        names = run_slot_names(smollm2_run)
+        for record in map(json.loads, answers.read_text().splitlines()):
+            assert infer.placeholder_problems(record["response"], names) == ([], 0), record["response"]
+        forced = Endpoint(tuned, grammar=slot_grammar(names).replace("root ::= piece*", 'root ::= "Your order " piece*'))
+        assert forced.answer("hi", "", 8)["response"].startswith("Your order ")
         result = run_script("infer.py", "--run", smollm2_run, "--compare", "--endpoint", tuned, "--base-endpoint", base,
                             "--limit", "3", "--max-new-tokens", "24", "--report-dir", tmp_path / "report")
         assert result.returncode == 0, result.stderr[-3000:]
@@ -331,6 +341,8 @@ def test_infer_endpoint_that_is_not_an_openai_server(tmp_path):
     assert_user_error(run_script("infer.py", "--endpoint", "localhost:8080", "--prompt", "hi"), "is not an http(s) URL")
     assert_user_error(run_script("infer.py", "--endpoint", "http://127.0.0.1:9/v1", "--compare", "--prompt", "hi"),
                       "add --base-endpoint URL")
+    assert_user_error(run_script("infer.py", "--endpoint", "http://127.0.0.1:9/v1", "--slot-grammar", "--prompt", "hi"),
+                      "pass --endpoint URL and --run DIR")
 
 
 def test_serving_benchmark_smoke(smollm2_export, tmp_path):
