@@ -8,6 +8,7 @@
     python infer.py --merged runs/smollm2/export/merged --prompt "Where is my order?"   # after finetune.py --export
     python infer.py --gguf runs/smollm2/export/model-q8_0.gguf --out answers.jsonl
     python infer.py --endpoint http://127.0.0.1:8080/v1 --prompt "Where is my order?"   # any OpenAI-compatible server
+    python infer.py --endpoint http://127.0.0.1:8080/v1 --run runs/smollm2 --slot-grammar --out a.jsonl   # llama.cpp: the run's slots only
     python infer.py --run runs/smollm2 --compare --endpoint http://127.0.0.1:8080/v1 --base-endpoint http://127.0.0.1:8081/v1
 
 Scores are automatic and offline: the intent an answer addresses (MiniLM embeddings + logistic regression
@@ -586,16 +587,17 @@ def main():
     args = parse_args()
     items = prompt_items(args.prompt, args.prompts, args.run, args.split, args.limit)
     company = load_company(args.company)
-    generation = Generation(read_system_prompt(args.system_prompt_file), args.max_new_tokens, args.batch_size,
-                            run_slot_names(args.run) if args.run else None)
+    system_prompt = read_system_prompt(args.system_prompt_file)
     label = args.prompt and "one prompt" or (f"{args.split} split" if args.split else shown_path(args.prompts or HELDOUT_FILE))
+    if not args.endpoint:  # loading checks --run (config, adapter) before its training answers are read just below
+        model, tokenizer, _ = load_for_inference(**model_source(args))
+    generation = Generation(system_prompt, args.max_new_tokens, args.batch_size, run_slot_names(args.run) if args.run else None)
     if args.endpoint:
         grammar = slot_grammar(generation.slot_names) if args.slot_grammar else ""
         tuned = endpoint.Endpoint(args.endpoint, args.endpoint_model, grammar=grammar)
         base = endpoint.Endpoint(args.base_endpoint, args.base_endpoint_model, grammar=grammar) if args.base_endpoint else tuned
         answerers = served(base, tuned, generation, args.concurrency)  # a base of its own only with --compare
     else:
-        model, tokenizer, _ = load_for_inference(**model_source(args))
         answerers = in_process(model, tokenizer, generation)  # with --base-only "tuned" is the base model alone
     if args.compare:
         judge = (args.judge_url, args.judge_model) if args.judge_url else None

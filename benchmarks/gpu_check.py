@@ -31,7 +31,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from common import HELDOUT_FILE, read_prompts, read_system_prompt, run_main, write_json  # noqa: E402
+from common import HELDOUT_FILE, read_prompts, read_system_prompt, run_main, run_slot_names, write_json  # noqa: E402
 
 STEPS = ("train", "finetune", "generate", "train-32", "compare", "t4-memory", "padding-free")
 COMPARE_MAX_NEW_TOKENS = 256  # finetune.py's --eval-max-new-tokens
@@ -80,7 +80,7 @@ def padding_free_losses(model_dir, rows=3):
 
 def compare_generation(run, quick):
     """Seconds to answer every held-out prompt with the base and the tuned model, as `finetune.py`'s comparison does
-    (one model in memory, its adapter switched off for the base)."""
+    (one model in memory, its adapter switched off for the base; decoded with the run's slot names)."""
     from models import GENERATION_BATCH_SIZE, adapter_mode, generate, load_for_inference
 
     prompts = [item["prompt"] for item in read_prompts(HELDOUT_FILE, 4 if quick else None)]
@@ -90,7 +90,8 @@ def compare_generation(run, quick):
     for label, use_adapter in (("base", False), ("tuned", True)):
         started = time.perf_counter()
         with adapter_mode(model, use_adapter):
-            records = generate(model, tokenizer, prompts, read_system_prompt(), max_new_tokens, GENERATION_BATCH_SIZE)
+            records = generate(model, tokenizer, prompts, read_system_prompt(), max_new_tokens, GENERATION_BATCH_SIZE,
+                               run_slot_names(run))
         seconds = time.perf_counter() - started
         result[label] = {"seconds": round(seconds, 1), "new_tokens": sum(r["new_tokens"] for r in records),
                          "new_tokens_per_s": round(sum(r["new_tokens"] for r in records) / seconds, 1)}
