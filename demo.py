@@ -7,6 +7,7 @@
     python demo.py --gguf runs/smollm2/export/model-q8_0.gguf  # finetune.py --export gguf
     python demo.py --run runs/smollm2 --host 0.0.0.0           # reachable from other machines: add --auth
     python demo.py --endpoint http://127.0.0.1:8080/v1 --run runs/smollm2   # streamed from an OpenAI-compatible server
+    python demo.py --endpoint http://127.0.0.1:8080/v1 --run runs/smollm2 --slot-grammar  # llama.cpp: the run's slots only
 
 Answers stream token by token (greedy, stop at the chat template's end-of-turn token). The model writes
 Bitext slots such as {{Order Number}}; the app fills them from the company profile (prompts/company.yaml,
