@@ -130,8 +130,12 @@ def parse_company(text, source="the company profile"):
 
 def run_slot_names(run_dir):
     """The {{slot}} names in a finetune.py run's training answers: the slots its model learned to write."""
-    rows = read_jsonl(Path(run_dir) / "train.jsonl", needs=("response",), what="split file",
-                      fix="pass --run a complete finetune.py output dir")
+    return slot_names(read_jsonl(Path(run_dir) / "train.jsonl", needs=("response",), what="split file",
+                                 fix="pass --run a complete finetune.py output dir"))
+
+
+def slot_names(rows):
+    """The {{slot}} names in these rows' answers."""
     return frozenset(name for row in rows for name in PLACEHOLDER.findall(row["response"]))
 
 

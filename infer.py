@@ -46,6 +46,7 @@ from common import (
     run_main,
     run_slot_names,
     shown_path,
+    slot_names,
     write_json,
     write_jsonl,
 )
@@ -511,7 +512,7 @@ def evaluate(answerers, run_dir, items, label, company, guard=None, with_test_sp
     """
     train_rows, test_rows = read_jsonl(run_dir / "train.jsonl"), read_jsonl(run_dir / "test.jsonl")
     classifier = IntentClassifier(train_rows, test_rows)
-    inventory = run_slot_names(run_dir)
+    inventory = slot_names(train_rows)
     scope_guard = scope.load_guard(run_dir, guard)  # a broken guard file stops the comparison now, not after generating
     sets = {label: items}
     if with_test_split:  # every comparison also answers the run's own test rows: real data, in scope but for the fallbacks

@@ -409,12 +409,12 @@ class SlotNames:
     def allowed(self, tail):
         """Token ids that take an open slot at the end of `tail` on towards a name + "}}" (or close it and go on);
         None when no slot is open, or it began unlike any name (" {{ order"): then the model writes what it writes."""
-        from bisect import bisect_left
+        from bisect import bisect_left, bisect_right
 
-        last = tail.rfind("{")
-        opening = len(tail[:last + 1]) - len(tail[:last + 1].rstrip("{"))
-        written = tail[last + 1:]
-        if last < 0 or opening > 2 or "}}" in written:
+        brace = tail.rfind("{")
+        opening = len(tail[:brace + 1]) - len(tail[:brace + 1].rstrip("{"))
+        written = tail[brace + 1:]
+        if brace < 0 or opening > 2 or "}}" in written:
             return None
         allowed = set()
         for target in self.targets:
@@ -423,10 +423,7 @@ class SlotNames:
                 continue
             rest = target[len(written):]
             for end in range(1, len(rest) + 1):  # tokens that are a piece of the rest
-                first = bisect_left(self.texts, rest[:end])
-                while first < len(self.texts) and self.texts[first] == rest[:end]:
-                    allowed.add(self.ids[first])
-                    first += 1
+                allowed.update(self.ids[bisect_left(self.texts, rest[:end]):bisect_right(self.texts, rest[:end])])
             first, last = bisect_left(self.texts, rest), bisect_left(self.texts, rest + "\U0010ffff")
             allowed.update(i for text, i in zip(self.texts[first:last], self.ids[first:last])  # "}}." and the like,
                            if not BRACES & set(text[len(rest):]))  # but not '}}">{{'

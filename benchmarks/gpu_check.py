@@ -87,11 +87,11 @@ def compare_generation(run, quick):
     max_new_tokens = 8 if quick else COMPARE_MAX_NEW_TOKENS
     model, tokenizer, _ = load_for_inference(run=run)
     result = {"prompts": len(prompts), "max_new_tokens": max_new_tokens, "batch_size": GENERATION_BATCH_SIZE}
+    names = run_slot_names(run)
     for label, use_adapter in (("base", False), ("tuned", True)):
         started = time.perf_counter()
         with adapter_mode(model, use_adapter):
-            records = generate(model, tokenizer, prompts, read_system_prompt(), max_new_tokens, GENERATION_BATCH_SIZE,
-                               run_slot_names(run))
+            records = generate(model, tokenizer, prompts, read_system_prompt(), max_new_tokens, GENERATION_BATCH_SIZE, names)
         seconds = time.perf_counter() - started
         result[label] = {"seconds": round(seconds, 1), "new_tokens": sum(r["new_tokens"] for r in records),
                          "new_tokens_per_s": round(sum(r["new_tokens"] for r in records) / seconds, 1)}
