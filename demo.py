@@ -37,7 +37,7 @@ from common import (
     run_slot_names,
 )
 from endpoint import API_KEY_VARIABLE, SERVER_CONTEXT_TOKENS, Endpoint
-from models import (SlotNames, add_model_arguments, adapter_mode, load_for_inference, model_source, prepare_tokenizer,
+from models import (add_model_arguments, answer_rules, adapter_mode, load_for_inference, model_source, prepare_tokenizer,
                     render_chat, run_config, slot_grammar)
 from scope import SECRETS_NOTICE, checked_answer, load_guard, mask_secrets, without_slots
 
@@ -125,7 +125,7 @@ class Bot:
     guard: object = None  # the run's scope.ScopeGuard, or None
     lock: threading.Lock = field(default_factory=threading.Lock)
     endpoint: Endpoint = None  # answers come from this server instead of the model
-    slot_names: frozenset = None  # the {{slots}} answers may use (models.SlotNames); None: any
+    slot_names: frozenset = None  # the {{slots}} answers may use (models.answer_rules); None: any
 
 
 def context_size(model, config):
@@ -144,7 +144,7 @@ def stream_generate(bot, messages, max_new_tokens, use_adapter=True):
         yield from bot.endpoint.stream(messages, max_new_tokens)  # the server queues concurrent requests itself
         return
     import torch
-    from transformers import LogitsProcessorList, StoppingCriteria, StoppingCriteriaList, TextIteratorStreamer
+    from transformers import StoppingCriteria, StoppingCriteriaList, TextIteratorStreamer
 
     stop = threading.Event()
 
@@ -156,7 +156,6 @@ def stream_generate(bot, messages, max_new_tokens, use_adapter=True):
     text = render_chat(tokenizer, messages, add_generation_prompt=True)
     inputs = tokenizer(text, return_tensors="pt", add_special_tokens=False).to(bot.model.device)
     streamer = TextIteratorStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
-    slots = [SlotNames(tokenizer, bot.slot_names, inputs["input_ids"].shape[1])] if bot.slot_names else []
     failure = []
 
     def work():
@@ -165,7 +164,7 @@ def stream_generate(bot, messages, max_new_tokens, use_adapter=True):
                 bot.model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False, streamer=streamer,
                                    eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
                                    stopping_criteria=StoppingCriteriaList([StopWhenAsked()]),
-                                   logits_processor=LogitsProcessorList(slots))
+                                   logits_processor=answer_rules(tokenizer, bot.slot_names, inputs["input_ids"].shape[1]))
         except Exception as error:  # shown to the user by the caller; the streamer must still end
             failure.append(error)
             streamer.end()

@@ -172,7 +172,7 @@ class Generation:
     system_prompt: str
     max_new_tokens: int = 256
     batch_size: int = GENERATION_BATCH_SIZE
-    slot_names: frozenset = None  # the {{slots}} answers may use (models.SlotNames); None: any, as with a server
+    slot_names: frozenset = None  # the {{slots}} answers may use (models.answer_rules); None: any, as with a server
 
 
 def answer_with(model, tokenizer, prompts, generation, use_adapter=True):

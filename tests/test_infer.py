@@ -50,15 +50,14 @@ def test_placeholder_validity():
     assert infer.placeholder_problems("Order {{Order Number}.", inventory) == ([], 3)
 
 
-def slot_decode(tokenizer, start, wanted, names):
+def rule_decode(tokenizer, start, wanted, rule):
     """Greedy decoding by a stand-in for a model that wants to write `wanted` after `start` (its next piece scores
-    highest, every other token a little noise), through models.SlotNames when `names` is given; up to the first }}."""
+    highest, every other token a little noise), through `rule` (a models.answer_rules processor, made with the length
+    of `start`) when given; up to the first }} or 24 tokens."""
     import torch
 
-    from models import SlotNames
-
     ids = tokenizer.encode(start, add_special_tokens=False)
-    processor = SlotNames(tokenizer, names, prompt_length=len(ids)) if names else None
+    processor = rule(tokenizer, prompt_length=len(ids)) if rule else None
     for step in range(24):
         answer = tokenizer.decode(ids)[len(start):]
         if "}}" in answer or answer == wanted:
@@ -74,18 +73,37 @@ def slot_decode(tokenizer, start, wanted, names):
 
 def test_slot_names_keep_answers_to_the_slots_the_run_learned(llama_tokenizer):
     from common import PLACEHOLDER
+    from models import SlotNames
 
     names = {"Account Type", "Order Number", "Customer Support Phone Number"}
+
+    def slot_names(tokenizer, prompt_length):
+        return SlotNames(tokenizer, names, prompt_length)
+
     # without the processor the stand-in writes the slot it wants; with it, only names from the run's list
-    assert "{{Account Number}}" in slot_decode(llama_tokenizer, "Update your ", "{{Account Number}} details", None)
+    assert "{{Account Number}}" in rule_decode(llama_tokenizer, "Update your ", "{{Account Number}} details", None)
     for start, wanted in [("Update your ", "{{Account Number}} details"),  # a name the run never used
                           ("Call us at ", "{Customer Support Phone Number} today"),  # one brace too few
                           ("Your order ", "{{Order Number}} is on its way")]:  # a known name: unchanged
-        text = slot_decode(llama_tokenizer, start, wanted, names)
+        text = rule_decode(llama_tokenizer, start, wanted, slot_names)
         answer = text[len(start):]
         assert PLACEHOLDER.findall(answer) and set(PLACEHOLDER.findall(answer)) <= names, text
         assert infer.placeholder_problems(answer, names) == ([], 0), text
-    assert slot_decode(llama_tokenizer, "Your order ", "{{Order Number}} is on its way", names).endswith("{{Order Number}}")
+    assert rule_decode(llama_tokenizer, "Your order ", "{{Order Number}} is on its way", slot_names).endswith("{{Order Number}}")
+
+
+def test_answers_give_no_web_address_or_phone_number_of_their_own(llama_tokenizer):
+    from models import ContactsFromSlots
+    from scope import critical_failures
+
+    for start, wanted, failure in [("Visit our website, ", "www.customer-support.com today", "invented_url"),
+                                   ("See ", "https://northwind.com/help for more", "invented_url"),
+                                   ("Just call ", "1-800-777-7777 now", "invented_phone")]:
+        assert failure in critical_failures(rule_decode(llama_tokenizer, start, wanted, None), ""), wanted
+        text = rule_decode(llama_tokenizer, start, wanted, ContactsFromSlots)
+        assert critical_failures(text, "") == [] and not text.lower().endswith(("www", "http", "https")), text
+    for wanted in ["{{Website URL}}", "order 12345 ships in 3-5 days"]:  # left alone
+        assert rule_decode(llama_tokenizer, "See ", wanted, ContactsFromSlots) == "See " + wanted
 
 
 def test_repetition():
