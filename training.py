@@ -420,6 +420,8 @@ def train(settings, splits, work_dir, system_prompt, resume=False):
         "model": model_name,
         "device": torch.cuda.get_device_name() if cuda else "cpu",
         "compute_dtype": dtype_name(compute_dtype()),
+        # ATen's vector kernels (AVX512, AVX2): they round fp32 sums differently, so answers may differ in a late token
+        "cpu_kernels": None if cuda else torch.backends.cpu.get_cpu_capability(),
         "batch": {"rows": settings.batch_size, "grad_accum": settings.grad_accum, "processes": trainer.args.world_size,
                   "padding_free": trainer.args.padding_free},
         "base_val_loss": base_val_loss,

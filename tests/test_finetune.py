@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -476,6 +477,7 @@ def test_tiny_llama_end_to_end(small_csv, tiny_llama, tmp_path):
     assert metrics["tuned_val_loss"] < metrics["base_val_loss"]
     assert metrics["train_tokens_per_s"] > 0 and metrics["peak_memory_gb"] > 0
     assert metrics["compute_dtype"] == "float32"  # on every CPU, with or without native bf16
+    assert metrics["cpu_kernels"] == torch.backends.cpu.get_cpu_capability()  # "AVX512", "AVX2", ...: recorded
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["splits"]["val"]["per_intent"]["cancel_order"] == 1
     assert manifest["splits"]["train"]["rows"] == len((out / "train.jsonl").read_text().splitlines())
