@@ -80,7 +80,7 @@ def padding_free_losses(model_dir, rows=3):
 
 def compare_generation(run, quick):
     """Seconds to answer every held-out prompt with the base and the tuned model, as `finetune.py`'s comparison does
-    (one model in memory, its adapter switched off for the base; decoded with the run's slot names)."""
+    (one model in memory, its adapter switched off for the base; decoded under the run's models.answer_rules)."""
     from models import GENERATION_BATCH_SIZE, adapter_mode, generate, load_for_inference
 
     prompts = [item["prompt"] for item in read_prompts(HELDOUT_FILE, 4 if quick else None)]
