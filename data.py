@@ -355,6 +355,19 @@ def make_splits(rows, fallback=None, in_scope=None, *, val_ratio=0.05, test_rati
     return splits
 
 
+def guard_messages(splits, fallback, in_scope, seed):
+    """The scope guard's messages of each split, {split: [text]} in scope and out of scope: the run's in-scope
+    instructions (with the written in-scope pool of each split) against the whole out-of-scope pool of each split. The
+    guard is not limited by --fallback-ratio, which sets the model's mixture."""
+    inside = {name: split.loc[split["intent"] != FALLBACK_INTENT, "instruction"].tolist() for name, split in splits.items()}
+    if in_scope is not None:
+        for name, pool in example_pools(in_scope, seed).items():
+            if name != "train":  # the train pool is in the train split already
+                inside[name] += pool["instruction"].tolist()
+    outside = {name: pool["instruction"].tolist() for name, pool in example_pools(fallback, seed).items()}
+    return inside, outside
+
+
 def example_pools(examples, seed):
     """Written examples cut into disjoint train / val / test pools: the val and test ones are never trained on."""
     pool = examples.sample(frac=1, random_state=seed).reset_index(drop=True)

@@ -192,15 +192,9 @@ def write_splits(splits, work_dir, source_label, rows, resume):
 
 
 def build_guard(splits, fallback, in_scope, seed):
-    """The scope guard for this run: the run's in-scope instructions (with the written in-scope pool of each split)
-    against the whole out-of-scope pool of each split; the guard is not limited by --fallback-ratio, which sets the
-    model's mixture. Its regularisation and threshold are chosen on val."""
-    inside = {name: split.loc[split["intent"] != data.FALLBACK_INTENT, "instruction"].tolist() for name, split in splits.items()}
-    if in_scope is not None:
-        for name, pool in data.example_pools(in_scope, seed).items():
-            if name != "train":  # the train pool is in the train split already
-                inside[name] += pool["instruction"].tolist()
-    outside = {name: pool["instruction"].tolist() for name, pool in data.example_pools(fallback, seed).items()}
+    """The scope guard for this run, on data.guard_messages; its classifier, regularisation and threshold are chosen on
+    val."""
+    inside, outside = data.guard_messages(splits, fallback, in_scope, seed)
     guard = scope.train_guard(inside["train"], outside["train"], inside["val"], outside["val"], scope.read_fallback_reply(),
                               inside["test"], outside["test"], english_only_reply=scope.read_english_only_reply())
     log.info("scope guard: %s classifier, C %s, threshold %.3f; val %s; test %s", guard.kernel, guard.evaluation["C"],

@@ -42,3 +42,19 @@ def test_learning_curve_scores_each_point_on_one_fixed_set(tiny_llama, small_csv
         assert point["in_scope_declined_heldout"]["n"] == point["intent_heldout"]["n"] == 108
         assert point["out_of_scope_declined"]["n"] == 30 and point["intent_test"]["n"] == 8
         assert 0 <= point["intent_heldout"]["rate"] <= 1 and point["placeholder_validity"]["n"] == 146
+
+
+def test_scope_probe_scores_the_guards_own_messages(tiny_run, tmp_path):
+    out = tmp_path / "probe.json"
+    result = run_script("benchmarks/scope_probe.py", "--run", tiny_run, "--out", out)
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads(out.read_text())
+    rows = {r["signal"]: r for r in report["results"]}
+    assert list(rows) == ["guard", "likelihood", "probe", "average"]
+    # the same messages and decisions as finetune.py's own evaluation of the guard
+    evaluation = json.loads((tiny_run / "guard.json").read_text())["evaluation"]
+    for split in ("val", "test"):
+        assert {k: v for k, v in rows["guard"][split].items() if k != "auc"} == evaluation[split]
+    for row in rows.values():  # each threshold chosen on val declines at most 3% of in-scope val messages
+        assert row["val"]["in_scope_declined"] <= 0.03 and 0 <= row["test"]["auc"] <= 1
+    assert "| the run's guard (MiniLM) |" in result.stdout
