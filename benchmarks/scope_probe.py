@@ -66,9 +66,10 @@ def model_signals(model, tokenizer, messages, reply):
             ids = tokenizer(prompt + reply, add_special_tokens=False, return_tensors="pt").input_ids
             output = model(input_ids=ids, output_hidden_states=True)
             states.append(output.hidden_states[-1][0, :prompt_length].float().mean(0).numpy())
-            log_probs = torch.log_softmax(output.logits[0, :-1].float(), -1)
-            targets = ids[0, 1:]
-            likelihoods.append(log_probs[torch.arange(len(targets)), targets][prompt_length - 1:].mean().exp().item())
+            # the logits at prompt_length - 1 onwards predict the reply's tokens
+            log_probs = torch.log_softmax(output.logits[0, prompt_length - 1:-1].float(), -1)
+            targets = ids[0, prompt_length:]
+            likelihoods.append(log_probs[torch.arange(len(targets)), targets].mean().exp().item())
     return np.array(states), np.array(likelihoods)
 
 
@@ -118,7 +119,7 @@ def main():
     for key, label in names.items():
         val = signals["val"]
         threshold = guard.threshold if key == "guard" else val_threshold(val[key], val["flags"], val["n_inside"])
-        results.append({"signal": key, "label": label, "threshold": round(float(threshold), 4),
+        results.append({"signal": key, "label": label, "threshold": float(f"{threshold:.4g}"),
                         **{name: rates(s[key], threshold, s["flags"], s["n_inside"]) for name, s in signals.items() if name != "train"}})
     report = {"run": str(args.run), "messages": {name: [len(i), len(o)] for name, (i, o) in sets.items()},
               "seconds": round(time.perf_counter() - started, 1), "probe_c": PROBE_C, "results": results}
