@@ -292,9 +292,9 @@ def train_guard(in_scope, out_of_scope, val_in_scope, val_out_of_scope, reply, t
     for kernel, strength in GUARD_CANDIDATES:  # the first of equal scores wins: linear, the most regularised
         guard = fit_classifier(features, labels, kernel, strength)
         guard.reply, guard.english_only_reply, guard._embedder = reply, english_only_reply, embedder
-        # a message the injection check declines is declined at any threshold: it counts as probability 1
-        guard.threshold, score = choose_threshold(*(np.where(flags, 1.0, guard.probabilities_of(vectors))
-                                                    for vectors, flags in (val["in"], val["out"])))
+        (in_vectors, in_flags), (out_vectors, out_flags) = val["in"], val["out"]
+        guard.threshold, score = choose_threshold(guard.probabilities_of(in_vectors), guard.probabilities_of(out_vectors),
+                                                  in_scope_injected=in_flags, out_of_scope_injected=out_flags)
         if best is None or score > best[0]:
             best = (score, strength, guard)
     _, strength, guard = best
@@ -325,12 +325,15 @@ def fit_classifier(features, labels, kernel, strength):
                       gamma=RBF_GAMMA if kernel == "rbf" else 0.0)
 
 
-def choose_threshold(in_scope_probabilities, out_of_scope_probabilities, max_in_scope_declined=MAX_IN_SCOPE_DECLINED):
+def choose_threshold(in_scope_probabilities, out_of_scope_probabilities, max_in_scope_declined=MAX_IN_SCOPE_DECLINED, *,
+                     in_scope_injected=False, out_of_scope_injected=False):
     """The cut between sorted val probabilities that declines the most out-of-scope messages while declining at most
     max_in_scope_declined of the in-scope ones: a wrongly declined customer costs more than a wrongly answered question.
-    Among equal cuts the highest; the threshold sits midway between the two probabilities at the cut.
+    Among equal cuts the highest; the threshold sits midway between the two probabilities at the cut. A message the
+    injection check declines (flags in *_injected) is declined at any threshold: it counts as probability 1.
     Returns (threshold, share of out-of-scope val messages declined)."""
-    inside, outside = np.asarray(in_scope_probabilities), np.asarray(out_of_scope_probabilities)
+    inside = np.where(in_scope_injected, 1.0, np.asarray(in_scope_probabilities, dtype=float))
+    outside = np.where(out_of_scope_injected, 1.0, np.asarray(out_of_scope_probabilities, dtype=float))
     values = np.sort(np.concatenate([inside, outside]))
     cuts = np.concatenate([[0.0], (values[:-1] + values[1:]) / 2, [1.0 + 1e-9]])
     best, best_caught = cuts[-1], -1.0

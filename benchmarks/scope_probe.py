@@ -84,12 +84,6 @@ def rates(scores, threshold, flags, n_inside):
             "auc": round(float(roc_auc_score(np.arange(len(scores)) >= n_inside, scores)), 4)}
 
 
-def val_threshold(scores, flags, n_inside):
-    """scope.choose_threshold on val, with injections counted as declined at any threshold."""
-    scores = np.where(flags, 1.0, scores)
-    return scope.choose_threshold(scores[:n_inside], scores[n_inside:])[0]
-
-
 def main():
     args = parse_args()
     from sklearn.linear_model import LogisticRegression
@@ -118,7 +112,9 @@ def main():
     results = []
     for key, label in names.items():
         val = signals["val"]
-        threshold = guard.threshold if key == "guard" else val_threshold(val[key], val["flags"], val["n_inside"])
+        n = val["n_inside"]
+        threshold = guard.threshold if key == "guard" else scope.choose_threshold(
+            val[key][:n], val[key][n:], in_scope_injected=val["flags"][:n], out_of_scope_injected=val["flags"][n:])[0]
         results.append({"signal": key, "label": label, "threshold": float(f"{threshold:.4g}"),
                         **{name: rates(s[key], threshold, s["flags"], s["n_inside"]) for name, s in signals.items() if name != "train"}})
     report = {"run": str(args.run), "messages": {name: [len(i), len(o)] for name, (i, o) in sets.items()},
