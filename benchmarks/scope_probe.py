@@ -10,9 +10,10 @@ against the out-of-scope pool, per split), four ways to call a message out of sc
 - a probe: a logistic regression on the tuned model's own last hidden state, averaged over the prompt's tokens,
   fitted on the train messages;
 - the average of the guard's and the probe's probabilities.
-Each threshold but the guard's (which the run chose) is chosen on val as the guard's is (scope.choose_threshold: the
+Each threshold but the guard's (which the run chose) is chosen on val by the guard's rule (scope.choose_threshold: the
 most out-of-scope messages declined with at most 3% of in-scope ones), with the injection pattern in front as in the
-guard; test is never used to choose. Prints a Markdown table and writes the figures as JSON.
+guard; test is never used to choose. (Guards built since 28 Nov choose theirs by cross-validation over train and val,
+so their val row is no longer unseen: compare on test.) Prints a Markdown table and writes the figures as JSON.
 """
 import argparse
 import sys
