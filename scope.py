@@ -296,10 +296,9 @@ def train_guard(in_scope, out_of_scope, reply, *, customer_worded=None, test_in_
         raise UserError(f"the scope guard needs at least {CV_FOLDS} in-scope and {CV_FOLDS} out-of-scope messages in "
                         "train and val: check --fallback-file, or pass --no-guard")
     embedder = embedder or Embedder()
-    n_inside = len(in_scope)
-    features = embedder(list(in_scope) + list(out_of_scope))
+    n_inside, texts = len(in_scope), list(in_scope) + list(out_of_scope)
+    features, injected = embedder(texts), np.array(injections(texts), dtype=bool)
     labels = np.array([0] * n_inside + [1] * len(out_of_scope))
-    injected = np.array(injections(list(in_scope) + list(out_of_scope)), dtype=bool)
     capped = np.zeros(n_inside, dtype=bool) if customer_worded is None else np.asarray(customer_worded, dtype=bool)
     capped = capped if capped.any() else np.ones(n_inside, dtype=bool)
     best = None
@@ -343,7 +342,7 @@ def share(declined):
 
 def fit_classifier(features, labels, kernel, strength):
     """A ScopeGuard (no threshold or reply yet) from a logistic regression ("linear") or an RBF SVM ("rbf"), with its
-    numbers rounded to 6 decimals as guard.json stores them (the val threshold is then chosen on what is saved)."""
+    numbers rounded to 6 decimals as guard.json stores them (thresholds are chosen on the scores of such rounded classifiers)."""
     from sklearn.linear_model import LogisticRegression
     from sklearn.svm import SVC
 
@@ -360,11 +359,11 @@ def fit_classifier(features, labels, kernel, strength):
 
 def choose_threshold(in_scope_probabilities, out_of_scope_probabilities, max_in_scope_declined=MAX_IN_SCOPE_DECLINED, *,
                      in_scope_injected=False, out_of_scope_injected=False):
-    """The cut between sorted val probabilities that declines the most out-of-scope messages while declining at most
+    """The cut between sorted probabilities that declines the most out-of-scope messages while declining at most
     max_in_scope_declined of the in-scope ones: a wrongly declined customer costs more than a wrongly answered question.
     Among equal cuts the highest; the threshold sits midway between the two probabilities at the cut. A message the
     injection check declines (flags in *_injected) is declined at any threshold: it counts as probability 1.
-    Returns (threshold, share of out-of-scope val messages declined)."""
+    Returns (threshold, share of the out-of-scope messages declined)."""
     inside = np.where(in_scope_injected, 1.0, np.asarray(in_scope_probabilities, dtype=float))
     outside = np.where(out_of_scope_injected, 1.0, np.asarray(out_of_scope_probabilities, dtype=float))
     values = np.sort(np.concatenate([inside, outside]))

@@ -80,8 +80,8 @@ def rates(scores, threshold, flags, n_inside):
     from sklearn.metrics import roc_auc_score
 
     declined = (scores >= threshold) | flags
-    return {"in_scope_declined": round(float(declined[:n_inside].mean()), 4), "in_scope_n": n_inside,
-            "out_of_scope_declined": round(float(declined[n_inside:].mean()), 4), "out_of_scope_n": len(scores) - n_inside,
+    return {"in_scope_declined": scope.share(declined[:n_inside]), "in_scope_n": n_inside,
+            "out_of_scope_declined": scope.share(declined[n_inside:]), "out_of_scope_n": len(scores) - n_inside,
             "auc": round(float(roc_auc_score(np.arange(len(scores)) >= n_inside, scores)), 4)}
 
 
