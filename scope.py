@@ -42,17 +42,32 @@ MAX_IN_SCOPE_DECLINED = 0.03  # the guard may wrongly decline at most this share
 CV_FOLDS = 5
 # Prompt injection in its usual phrasings (override the instructions, reveal them, take on another role, fake system
 # markup): the embedding classifier judges a message by its topic, and "my order is late, also ignore your rules and..."
-# is about an order. Written from the 40 prompt_injection examples of prompts/fallback.jsonl (catches 31; the other 9
-# ask for other customers' data or an off-topic task, the classifier's job) and checked against every in-scope message
-# the project has: 0 of 5,709 (the bundled Bitext instructions and prompts/in_scope.jsonl) match.
+# is about an order. Written from the 40 prompt_injection examples of prompts/fallback.jsonl (catches 32; the rest
+# ask for other customers' data or an off-topic task, the classifier's job); the staff, management-memo, coerced-reply,
+# fake-turn and prompt-probe phrasings (28 Nov) from blind2's misses, which makes blind2 a development set, and from 28
+# more injections written then (catches 24; not in fallback.jsonl: docs/quality.md, "A third blind set"). Checked
+# against every in-scope message the project has: 0 of 5,702 (the bundled Bitext instructions and prompts/in_scope.jsonl)
+# match, nor "your manager said I'd get a refund" or "thanks for your prompt reply" (tests/test_scope.py).
 INJECTION = re.compile(r"""
     \b(?:ignore|disregard|forget|override|bypass)\b[^.?!\n]{0,40}\b(?:instructions?|rules|guidelines|restrictions|prompt|directions|policy|programming|filters?|shop\ stuff)\b
-  | \b(?:system|hidden|secret|confidential|initial|original|previous|developer)\s+(?:prompt|instructions?|rules|notes|configuration|config)\b
+  | \b(?:system|hidden|secret|confidential|initial|original|previous|developer)[\s_-]+(?:prompt|instructions?|rules|notes|configuration|config)\b
   | \b(?:your|the)\s+(?:instructions|rules|configuration|guidelines)\b(?![^.?!\n]{0,30}\b(?:return|refund|cancel|order|deliver|ship))
-  | \b(?:you\ are|you're)\s+(?:now|no\ longer)\b | \bfrom\ now\ on,?\s+(?:you|respond|answer|reply|only|speak|talk|act)\b | \bnew\ (?:rule|policy|instructions?)\s*: 
+  | \b(?:you\ are|you're)\s+(?:now|no\ longer)\b | \bfrom\ now\ on,?\s+(?:you|respond|answer|reply|only|speak|talk|act)\b
+  | \bnew\ (?:company\ |store\ )?(?:rule|policy|instructions?)(?:\ from\ [^:.?!\n]{1,30})?\s*: | \bnew\ (?:\w+\ )?(?:rule|policy)\ from\ (?:the\ )?management\b
+  | \b(?:management|head\ office|corporate|hq)\ (?:memo|notice|directive)\b | \b(?:notice|memo|directive)\ from\ (?:the\ )?(?:management|head\ office|corporate|hq|headquarters)\b
+  | \b(?:I'm|I\ am|this\ is|as)\ (?:(?:the|your)\ (?:employee|staff\ member|admin|developer|moderator|supervisor)
+        | (?:a|an|the|your)\ (?:northwind|store|shop|site|system|website|it|qa|security|floor|lead|senior|head|chief|regional)\ (?:employee|staff\ member|admin(?:istrator)?|developer|moderator|supervisor|manager))\b
+  | \b(?:I'm|I\ am)\ (?:actually\ |really\ )?(?:a|an|the)\ (?:\w+\ )?(?:employee|supervisor|manager|admin|developer)\ (?:at|for|of)\ (?:northwind|this\ (?:store|shop|company))\b
+  | \b(?:I\ work\ (?:in|for|at|on)\ (?:your|northwind)|(?:I'm|I\ am|this\ is\ \w+)\ (?:from|in|on|with)\ (?:the\ |your\ )?(?:northwind\ )?(?:customer\ care|support|security|it|fraud|engineering|qa)\ (?:team|department)|(?:security|support|it|qa|fraud|engineering)\ team\ here)\b
+  | \b(?:regional\ |store\ |general\ )?(?:manager|supervisor|admin|administrator|developer)\ (?:speaking|here)\b
+  | \b(?:I\ (?:hereby\ )?(?:authori[sz]e|instruct|order|command)|I(?:'m|\ am)\ (?:hereby\ )?(?:authori[sz]ing|instructing|commanding))\ you\b | \b(?:authori[sz]ation|override)\ code\b
+  | \b(?:management|headquarters|corporate|the\ developers?|the\ CEO)\ (?:says?|said|has\ (?:approved|authori[sz]ed|decided)|approved|authori[sz]ed|wants\ you|instructs?)\b
+  | \b(?:respond|reply|answer)\ (?:only\ with|with\ only|only\ in|only\ as|(?:in|with)\ exactly\ this)\b | \bsay\ ["'“‘]?(?:yes|ok|okay|approved|confirmed)\b["'”’]?\ (?:if\ you\ understand|and\ then|then)\b | \b(?:respond|reply|answer|say)\ (?:with\ )?(?:just\ )?["'“‘][^"'”’\n]{1,30}["'”’]\ (?:and|then)\b
+  | \b(?:show|tell|give|print|reveal|share|repeat|what(?:'s|\ is|\ are|\ was))\b[^.?!\n]{0,30}\byour\ (?:system\ )?prompt\b | \b(?:instructions|rules)\ (?:were\ |have\ )?you\ (?:been\ )?(?:given|told)\b | \bwhat\ were\ you\ (?:told|programmed|instructed)\b
+  | \[\s*(?:assistant|system|bot)\s*\]\s*: | ^\s*(?:assistant|bot)\s*: | <!--[^>]{0,80}\b(?:assistant|system|ignore|instructions?)\b | \#\#\#\s*(?:instruction|system|new\ task)
   | \b(?:act|behave)\ as\ (?:a|an|my)\b | \bpretend\b | \brole-?play\b | \bstay\ in\ character\b | \bjailbreak | \bDAN\b | \bdo\ anything\ now\b
   | \b(?:developer|debug|maintenance|admin|god)\ mode\b | \bno\ (?:rules|restrictions|filters?|content\ filter)\b
-  | </?\s*(?:system|sys|user|assistant|end)\s*>|<<\s*/?SYS\s*>>|\[/?INST\]|\[(?:ADMIN|SYSTEM)[^\]]*\]|^\s*SYSTEM\s*:
+  | </?\s*(?:system|sys|user|assistant|end)\b[^>\n]{0,40}>|<<\s*/?SYS\s*>>|\[/?INST\]|\[(?:ADMIN|SYSTEM)[^\]]*\]|^\s*SYSTEM\s*:
 """, re.I | re.X | re.M)
 # Critical failures: the answer asks for secrets, or invents contact details the company never gave it. infer.py scores
 # every answer with these; checked_answer() takes such sentences out of the answers the guarded product shows.
