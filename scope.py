@@ -56,7 +56,7 @@ INJECTION = re.compile(r"""
   | \bnew\ (?:company\ |store\ )?(?:rule|policy|instructions?)(?:\ from\ [^:.?!\n]{1,30})?\s*: | \bnew\ (?:\w+\ )?(?:rule|policy)\ from\ (?:the\ )?management\b
   | \b(?:management|head\ office|corporate|hq)\ (?:memo|notice|directive)\b | \b(?:notice|memo|directive)\ from\ (?:the\ )?(?:management|head\ office|corporate|hq|headquarters)\b
   | \b(?:I'm|I\ am|this\ is|as)\ (?:(?:the|your)\ (?:employee|staff\ member|admin|developer|moderator|supervisor)
-        | (?:a|an|the|your)\ (?:northwind|store|shop|site|system|website|it|qa|security|floor|lead|senior|head|chief|regional)\ (?:employee|staff\ member|admin(?:istrator)?|developer|moderator|supervisor|manager))\b
+        | (?:a|an|the|your)\ (?:(?:northwind|store|shop|site|system|website|it|qa|security|floor|lead|senior|head|chief|regional)\ ){1,2}(?:employee|staff\ member|admin(?:istrator)?|developer|moderator|supervisor|manager))\b
   | \b(?:I'm|I\ am)\ (?:actually\ |really\ )?(?:a|an|the)\ (?:\w+\ )?(?:employee|supervisor|manager|admin|developer)\ (?:at|for|of)\ (?:northwind|this\ (?:store|shop|company))\b
   | \b(?:I\ work\ (?:in|for|at|on)\ (?:your|northwind)|(?:I'm|I\ am|this\ is\ \w+)\ (?:from|in|on|with)\ (?:the\ |your\ )?(?:northwind\ )?(?:customer\ care|support|security|it|fraud|engineering|qa)\ (?:team|department)|(?:security|support|it|qa|fraud|engineering)\ team\ here)\b
   | \b(?:regional\ |store\ |general\ )?(?:manager|supervisor|admin|administrator|developer)\ (?:speaking|here)\b
@@ -64,7 +64,7 @@ INJECTION = re.compile(r"""
   | \b(?:management|headquarters|corporate|the\ developers?|the\ CEO)\ (?:says?|said|has\ (?:approved|authori[sz]ed|decided)|approved|authori[sz]ed|wants\ you|instructs?)\b
   | \b(?:respond|reply|answer)\ (?:only\ with|with\ only|only\ in|only\ as|(?:in|with)\ exactly\ this)\b | \bsay\ ["'“‘]?(?:yes|ok|okay|approved|confirmed)\b["'”’]?\ (?:if\ you\ understand|and\ then|then)\b | \b(?:respond|reply|answer|say)\ (?:with\ )?(?:just\ )?["'“‘][^"'”’\n]{1,30}["'”’]\ (?:and|then)\b
   | \b(?:show|tell|give|print|reveal|share|repeat|what(?:'s|\ is|\ are|\ was))\b[^.?!\n]{0,30}\byour\ (?:system\ )?prompt\b | \b(?:instructions|rules)\ (?:were\ |have\ )?you\ (?:been\ )?(?:given|told)\b | \bwhat\ were\ you\ (?:told|programmed|instructed)\b
-  | \[\s*(?:assistant|system|bot)\s*\]\s*: | ^\s*(?:assistant|bot)\s*: | <!--[^>]{0,80}\b(?:assistant|system|ignore|instructions?)\b | \#\#\#\s*(?:instruction|system|new\ task)
+  | \[\s*(?:assistant|system|bot)\s*\]\s*: | ^\s*(?:assistant|bot)\s*: | <!--[^>]{0,80}\b(?:assistant|system|ignore|instructions?)\b | \#\#\#\s*(?:instruction|system|new\ task|assistant|response|user)\b
   | \b(?:act|behave)\ as\ (?:a|an|my)\b | \bpretend\b | \brole-?play\b | \bstay\ in\ character\b | \bjailbreak | \bDAN\b | \bdo\ anything\ now\b
   | \b(?:developer|debug|maintenance|admin|god)\ mode\b | \bno\ (?:rules|restrictions|filters?|content\ filter)\b
   | </?\s*(?:system|sys|user|assistant|end)\b[^>\n]{0,40}>|<<\s*/?SYS\s*>>|\[/?INST\]|\[(?:ADMIN|SYSTEM)[^\]]*\]|^\s*SYSTEM\s*:
