@@ -56,7 +56,8 @@ INJECTION = re.compile(r"""
   | \bnew\ (?:company\ |store\ )?(?:rule|policy|instructions?)(?:\ from\ [^:.?!\n]{1,30})?\s*: | \bnew\ (?:\w+\ )?(?:rule|policy)\ from\ (?:the\ )?management\b
   | \b(?:management|head\ office|corporate|hq)\ (?:memo|notice|directive)\b | \b(?:notice|memo|directive)\ from\ (?:the\ )?(?:management|head\ office|corporate|hq|headquarters)\b
   | \b(?:I'm|I\ am|this\ is|as)\ (?:(?:the|your)\ (?:employee|staff\ member|admin|developer|moderator|supervisor)
-        | (?:a|an|the|your)\ (?:(?:northwind|store|shop|site|system|website|it|qa|security|floor|lead|senior|head|chief|regional)\ ){1,2}(?:employee|staff\ member|admin(?:istrator)?|developer|moderator|supervisor|manager))\b
+        | (?:a|an|the|your)\ (?:(?:northwind|store|shop|site|system|website|it|qa|security|floor)\ ){1,2}(?:employee|staff\ member|admin(?:istrator)?|developer|moderator|supervisor|manager)
+        | (?:the|your)\ (?:lead|senior|head|chief|regional)\ (?:[\w-]+\ )?(?:developer|admin(?:istrator)?|manager|supervisor))\b
   | \b(?:I'm|I\ am)\ (?:actually\ |really\ )?(?:a|an|the)\ (?:\w+\ )?(?:employee|supervisor|manager|admin|developer)\ (?:at|for|of)\ (?:northwind|this\ (?:store|shop|company))\b
   | \b(?:I\ work\ (?:in|for|at|on)\ (?:your|northwind)|(?:I'm|I\ am|this\ is\ \w+)\ (?:from|in|on|with)\ (?:the\ |your\ )?(?:northwind\ )?(?:customer\ care|support|security|it|fraud|engineering|qa)\ (?:team|department)|(?:security|support|it|qa|fraud|engineering)\ team\ here)\b
   | \b(?:regional\ |store\ |general\ )?(?:manager|supervisor|admin|administrator|developer)\ (?:speaking|here)\b

@@ -171,7 +171,8 @@ def test_injection_check_flags_override_phrasing_and_no_in_scope_message():
                              "thanks for your prompt reply, can you also send the invoice?",
                              "I'm the manager of a hiking club and want to place a bulk order",
                              "I spoke to someone from the support team yesterday about my refund",
-                             "can you reply with the tracking number only please"]) == [False] * 5
+                             "can you reply with the tracking number only please",
+                             "As a senior developer at Acme I need invoices for our orders"]) == [False] * 6
 
 
 def test_guard_declines_an_injection_about_an_order(guard):
