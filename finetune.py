@@ -200,7 +200,8 @@ def build_guard(splits, fallback, in_scope, seed):
     written = set() if in_scope is None else set(in_scope["instruction"])
     guard = scope.train_guard(fitted_on, outside["train"] + outside["val"], scope.read_fallback_reply(),
                               customer_worded=[message in written for message in fitted_on], test_in_scope=inside["test"],
-                              test_out_of_scope=outside["test"], english_only_reply=scope.read_english_only_reply(), seed=seed)
+                              test_out_of_scope=outside["test"], english_only_reply=scope.read_english_only_reply(),
+                              other_businesses=scope.read_other_businesses(), seed=seed)
     log.info("scope guard: %s classifier, C %s, threshold %.3f; cross-validated %s; test %s", guard.kernel,
              guard.evaluation["C"], guard.threshold, guard.evaluation["cross_validated"], guard.evaluation.get("test"))
     return guard

@@ -19,6 +19,7 @@ from common import PROMPTS_DIR, UserError
 GUARD_FILE = "guard.json"
 FALLBACK_REPLY_FILE = PROMPTS_DIR / "fallback_reply.txt"
 ENGLISH_ONLY_REPLY_FILE = PROMPTS_DIR / "english_only_reply.txt"
+OTHER_BUSINESSES_FILE = PROMPTS_DIR / "other_businesses.yaml"  # names the guard declines; the file says which and why
 # Non-English messages get ENGLISH_ONLY_REPLY_FILE: SmolLM2 and MiniLM are English models. py3langid (offline model)
 # guesses the language among these; on the project's own messages (the written in-scope and out-of-scope files and the
 # bundled Bitext instructions, 5,817) English ones scored at most 0.77 for another language and the 11 non-English ones
@@ -70,6 +71,23 @@ INJECTION = re.compile(r"""
   | \b(?:developer|debug|maintenance|admin|god)\ mode\b | \bno\ (?:rules|restrictions|filters?|content\ filter)\b
   | </?\s*(?:system|sys|user|assistant|end)\b[^>\n]{0,40}>|<<\s*/?SYS\s*>>|\[/?INST\]|\[(?:ADMIN|SYSTEM)[^\]]*\]|^\s*SYSTEM\s*:
 """, re.I | re.X | re.M)
+# Another customer's order or data, and another shop's policy: the embedding reads "what's the status of my neighbour's
+# order" and "what's Nike's return policy" as an order and a policy. Written from the other_people_data examples of
+# prompts/fallback.jsonl and the misses of blind, blind2 and blind3 (28 Nov). With the names of OTHER_BUSINESSES_FILE
+# it matches 0 of 6,161 in-scope messages (Bitext's instructions, prompts/in_scope.jsonl and the in-scope prompts of the
+# held-out and blind sets) nor "Email address for customer care?" (tests/test_scope.py). Scored once on blind4, written
+# after: over 5 seeds the guard declined 0.810 of its out-of-scope messages (0.727 without both) and the same customers.
+OTHER_PARTY = re.compile(r"""
+    \bnot\ (?:my|mine)(?:\ own)?(?:\ (?:order|account|package|parcel))?,?\ but\b
+  | \b(?:someone|somebody)\ else's\b | \b(?:another|other)\ (?:customer|person|user)'s\b
+  | \b(?:neighbou?r|coworker|co-worker|colleague|roommate|flatmate|ex|boss|stranger)(?:'s|s')\s+(?:\w+\ )?(?:order|account|package|parcel|purchase|delivery|address|details|data|email|phone|card|history)\b
+  | \bmy\ neighbou?rs?\ (?:ordered|bought|has\ an?\ (?:order|account))\b
+  | \b(?:everyone|anyone|all\ the\ (?:customers|people|buyers))\ who\ (?:bought|ordered|purchased)\b | \bthe\ (?:customer|person)\ who\ (?:ordered|bought)\b
+  | \b(?:details|address|history|data|email|phone\ number|information|card(?:\ details)?)\ (?:for|of|on)\ (?:the\ )?(?:customer|user|account\ holder)\ (?-i:[A-Z])
+  | \b(?:for|of)\ (?:the\ )?customer\ (?-i:[A-Z][a-z]+\ [A-Z][a-z]+)
+  | \b(?!Northwind)(?-i:[A-Z][A-Za-z&]+)(?:'s|s')\s+(?:return|refund|exchange|shipping|delivery|cancellation|price[- ]match|warranty)\s+polic
+  | \bfrom\ (?:another|a\ different|some\ other)\ (?:shop|store|retailer|website|seller|company|site)\b
+""", re.I | re.X)
 # Critical failures: the answer asks for secrets, or invents contact details the company never gave it. infer.py scores
 # every answer with these; checked_answer() takes such sentences out of the answers the guarded product shows.
 ASKS_FOR_SECRET = re.compile(r"\b(?:provide|send|share|give|tell|enter|type|confirm|need|require)\b[^.?!\n]{0,60}"
@@ -136,6 +154,32 @@ def read_english_only_reply():
     return read_fallback_reply(ENGLISH_ONLY_REPLY_FILE)
 
 
+def read_other_businesses(path=OTHER_BUSINESSES_FILE):
+    """{"any_case": [names], "capitalised": [names]} from the YAML file (see the file for which names and why)."""
+    import yaml
+
+    path, fix = Path(path), "a YAML mapping with the lists any_case and capitalised (like prompts/other_businesses.yaml)"
+    try:
+        names = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as error:
+        raise UserError(f"other businesses file {path} cannot be read ({type(error).__name__}): make it {fix}") from None
+    if (not isinstance(names, dict) or set(names) - {"any_case", "capitalised"}
+            or not all(isinstance(v, list) and all(isinstance(n, str) and n.strip() for n in v) for v in names.values())):
+        raise UserError(f"other businesses file {path} is not {fix}, each name a non-empty string")
+    return {kind: [n.strip() for n in names.get(kind, [])] for kind in ("any_case", "capitalised")}
+
+
+def business_names(names):
+    """A pattern matching any of names["any_case"] in any case, and names["capitalised"] as written and not first in a
+    sentence ("Wish I hadn't ordered it" is not the Wish app), as whole words."""
+    def either(group):
+        return "|".join(re.escape(n).replace(r"\ ", r"\s+") for n in sorted(group, key=len, reverse=True))
+
+    parts = ([f"(?i:{either(names['any_case'])})"] if names.get("any_case") else []) + \
+            ([f"(?<=[^\\s.!?]\\s)(?:{either(names['capitalised'])})"] if names.get("capitalised") else [])
+    return re.compile(rf"(?<![\w@.-])(?:{'|'.join(parts)})(?![\w-])") if parts else None
+
+
 @dataclass
 class ScopeGuard:
     """Out-of-scope score of a message = sigmoid(sum_i dual_coef[i] * K(embedding, support_vectors[i]) + bias), with K the
@@ -151,6 +195,7 @@ class ScopeGuard:
     kernel: str = "linear"
     gamma: float = 0.0
     english_only_reply: str = ""
+    other_businesses: dict = field(default_factory=dict)  # read_other_businesses() at training; none in older runs
     embedder_name: str = EMBEDDER
     evaluation: dict = field(default_factory=dict)  # cross-validated and test rates, for the record
     _embedder: object = field(default=None, repr=False, compare=False)
@@ -169,12 +214,15 @@ class ScopeGuard:
         return 1 / (1 + np.exp(-(similarity @ np.asarray(self.dual_coef) + self.bias)))
 
     def out_of_scope(self, messages):
-        """One bool per message: True where it reads as a prompt injection or the classifier finds it out of scope."""
+        """One bool per message: True where a rule matches it (rule_matches) or the classifier finds it out of scope."""
         messages = [check_message(m) for m in messages]
-        return self.declines(self.probabilities(messages), injections(messages)).tolist()
+        return self.declines(self.probabilities(messages), self.rule_matches(messages)).tolist()
 
-    def declines(self, probabilities, injected):
-        return (np.asarray(probabilities) >= self.threshold) | np.asarray(injected, dtype=bool)
+    def rule_matches(self, messages):
+        return rule_matches(messages, self.other_businesses)
+
+    def declines(self, probabilities, rule_matched):
+        return (np.asarray(probabilities) >= self.threshold) | np.asarray(rule_matched, dtype=bool)
 
     def replies(self, messages):
         """One reply per message where the guard answers instead of the model (not English, or out of scope), else None."""
@@ -200,7 +248,7 @@ class ScopeGuard:
                 data.update(support_vectors=[data.pop("weights")], dual_coef=[1.0])
             return cls(**{k: data[k] for k in ("support_vectors", "dual_coef", "bias", "threshold", "reply")},
                        kernel=data.get("kernel", "linear"), gamma=data.get("gamma", 0.0),
-                       english_only_reply=data.get("english_only_reply", ""),
+                       english_only_reply=data.get("english_only_reply", ""), other_businesses=data.get("other_businesses", {}),
                        embedder_name=data.get("embedder_name", EMBEDDER), evaluation=data.get("evaluation", {}))
         except FileNotFoundError:
             raise UserError(f"no scope guard in {path}: train the run with this version of finetune.py, or pass --no-guard") from None
@@ -291,9 +339,11 @@ def mask_secrets(message):
     return masked, found
 
 
-def injections(messages):
-    """One bool per message: True where it matches INJECTION."""
-    return [bool(INJECTION.search(message)) for message in messages]
+def rule_matches(messages, other_businesses=None):
+    """One bool per message: True where it reads as a prompt injection (INJECTION), asks about another customer's data
+    or another shop's policy (OTHER_PARTY), or names one of other_businesses (read_other_businesses())."""
+    names = business_names(other_businesses or {})
+    return [bool(INJECTION.search(m) or OTHER_PARTY.search(m) or (names and names.search(m))) for m in messages]
 
 
 def check_message(message):
@@ -303,17 +353,18 @@ def check_message(message):
 
 
 def train_guard(in_scope, out_of_scope, reply, *, customer_worded=None, test_in_scope=(), test_out_of_scope=(),
-                embedder=None, english_only_reply="", seed=0):
+                embedder=None, english_only_reply="", other_businesses=None, seed=0):
     """Fit the guard on the run's train and val messages. Its classifier, regularisation and threshold are chosen on
     out-of-fold scores (CV_FOLDS-fold cross-validation over those messages): the threshold declines at most
     MAX_IN_SCOPE_DECLINED of the in-scope messages written in customers' words (customer_worded, one flag per in-scope
-    message; all in-scope messages when none is flagged). Test is only reported."""
+    message; all in-scope messages when none is flagged), counting the messages the rules decline (ScopeGuard.rule_matches,
+    with other_businesses) as declined. Test is only reported."""
     if len(in_scope) < CV_FOLDS or len(out_of_scope) < CV_FOLDS:
         raise UserError(f"the scope guard needs at least {CV_FOLDS} in-scope and {CV_FOLDS} out-of-scope messages in "
                         "train and val: check --fallback-file, or pass --no-guard")
     embedder = embedder or Embedder()
     n_inside, texts = len(in_scope), list(in_scope) + list(out_of_scope)
-    features, injected = embedder(texts), np.array(injections(texts), dtype=bool)
+    features, matched = embedder(texts), np.array(rule_matches(texts, other_businesses), dtype=bool)
     labels = np.array([0] * n_inside + [1] * len(out_of_scope))
     capped = np.zeros(n_inside, dtype=bool) if customer_worded is None else np.asarray(customer_worded, dtype=bool)
     capped = capped if capped.any() else np.ones(n_inside, dtype=bool)
@@ -321,21 +372,22 @@ def train_guard(in_scope, out_of_scope, reply, *, customer_worded=None, test_in_
     for kernel, strength in GUARD_CANDIDATES:  # the first of equal scores wins: linear, the most regularised
         scores = out_of_fold_probabilities(features, labels, kernel, strength, seed)
         threshold, caught = choose_threshold(scores[:n_inside][capped], scores[n_inside:],
-                                             in_scope_injected=injected[:n_inside][capped],
-                                             out_of_scope_injected=injected[n_inside:])
+                                             in_scope_matched=matched[:n_inside][capped],
+                                             out_of_scope_matched=matched[n_inside:])
         if best is None or caught > best[0]:
             best = (caught, kernel, strength, threshold, scores)
     _, kernel, strength, threshold, scores = best
     guard = fit_classifier(features, labels, kernel, strength)
     guard.threshold, guard.reply, guard.english_only_reply, guard._embedder = threshold, reply, english_only_reply, embedder
-    declined = guard.declines(scores, injected)
+    guard.other_businesses = other_businesses or {}
+    declined = guard.declines(scores, matched)
     guard.evaluation = {"classifier": kernel, "C": strength, "cross_validated": {
         "folds": CV_FOLDS, "in_scope_declined": share(declined[:n_inside]), "in_scope_n": n_inside,
         "customer_worded_declined": share(declined[:n_inside][capped]), "customer_worded_n": int(capped.sum()),
         "out_of_scope_declined": share(declined[n_inside:]), "out_of_scope_n": len(out_of_scope)}}
     if test_in_scope and test_out_of_scope:
-        guard.evaluation["test"] = rates(guard, embedder(test_in_scope), injections(test_in_scope),
-                                         embedder(test_out_of_scope), injections(test_out_of_scope))
+        guard.evaluation["test"] = rates(guard, embedder(test_in_scope), guard.rule_matches(test_in_scope),
+                                         embedder(test_out_of_scope), guard.rule_matches(test_out_of_scope))
     if english_only_reply:  # the in-scope messages of every split are English: the share the language check turns away
         every = list(in_scope) + list(test_in_scope)
         guard.evaluation["in_scope_not_english"] = round(float(np.mean(LanguageCheck().non_english(every))), 4)
@@ -374,14 +426,14 @@ def fit_classifier(features, labels, kernel, strength):
 
 
 def choose_threshold(in_scope_probabilities, out_of_scope_probabilities, max_in_scope_declined=MAX_IN_SCOPE_DECLINED, *,
-                     in_scope_injected=False, out_of_scope_injected=False):
+                     in_scope_matched=False, out_of_scope_matched=False):
     """The cut between sorted probabilities that declines the most out-of-scope messages while declining at most
     max_in_scope_declined of the in-scope ones: a wrongly declined customer costs more than a wrongly answered question.
     Among equal cuts the highest; the threshold sits midway between the two probabilities at the cut. A message the
-    injection check declines (flags in *_injected) is declined at any threshold: it counts as probability 1.
+    rules decline (flags in *_matched) is declined at any threshold: it counts as probability 1.
     Returns (threshold, share of the out-of-scope messages declined)."""
-    inside = np.where(in_scope_injected, 1.0, np.asarray(in_scope_probabilities, dtype=float))
-    outside = np.where(out_of_scope_injected, 1.0, np.asarray(out_of_scope_probabilities, dtype=float))
+    inside = np.where(in_scope_matched, 1.0, np.asarray(in_scope_probabilities, dtype=float))
+    outside = np.where(out_of_scope_matched, 1.0, np.asarray(out_of_scope_probabilities, dtype=float))
     values = np.sort(np.concatenate([inside, outside]))
     cuts = np.concatenate([[0.0], (values[:-1] + values[1:]) / 2, [1.0 + 1e-9]])
     best, best_caught = cuts[-1], -1.0
@@ -392,10 +444,10 @@ def choose_threshold(in_scope_probabilities, out_of_scope_probabilities, max_in_
     return best, best_caught
 
 
-def rates(guard, in_scope, in_scope_injections, out_of_scope, out_of_scope_injections):
-    """The share of each set of messages, given as embeddings and injection flags, that the guard declines."""
-    def declined(embeddings, injected):
-        return share(guard.declines(guard.probabilities_of(embeddings), injected))
+def rates(guard, in_scope, in_scope_matched, out_of_scope, out_of_scope_matched):
+    """The share of each set of messages, given as embeddings and rule_matches flags, that the guard declines."""
+    def declined(embeddings, matched):
+        return share(guard.declines(guard.probabilities_of(embeddings), matched))
 
-    return {"in_scope_declined": declined(in_scope, in_scope_injections), "in_scope_n": len(in_scope),
-            "out_of_scope_declined": declined(out_of_scope, out_of_scope_injections), "out_of_scope_n": len(out_of_scope)}
+    return {"in_scope_declined": declined(in_scope, in_scope_matched), "in_scope_n": len(in_scope),
+            "out_of_scope_declined": declined(out_of_scope, out_of_scope_matched), "out_of_scope_n": len(out_of_scope)}

@@ -101,7 +101,7 @@ def main():
         texts = inside + outside
         states, likelihoods = model_signals(model, tokenizer, texts, guard.reply)
         signals[name] = {"states": states, "likelihood": likelihoods, "guard": np.asarray(guard.probabilities(texts)),
-                         "flags": np.asarray(scope.injections(texts), dtype=bool), "n_inside": len(inside)}
+                         "flags": np.asarray(guard.rule_matches(texts), dtype=bool), "n_inside": len(inside)}
     train = signals["train"]
     probe = make_pipeline(StandardScaler(), LogisticRegression(C=PROBE_C, max_iter=5000, class_weight="balanced"))
     probe.fit(train["states"], [0] * train["n_inside"] + [1] * (len(train["flags"]) - train["n_inside"]))
@@ -115,7 +115,7 @@ def main():
         val = signals["val"]
         n = val["n_inside"]
         threshold = guard.threshold if key == "guard" else scope.choose_threshold(
-            val[key][:n], val[key][n:], in_scope_injected=val["flags"][:n], out_of_scope_injected=val["flags"][n:])[0]
+            val[key][:n], val[key][n:], in_scope_matched=val["flags"][:n], out_of_scope_matched=val["flags"][n:])[0]
         results.append({"signal": key, "label": label, "threshold": float(f"{threshold:.4g}"),
                         **{name: rates(s[key], threshold, s["flags"], s["n_inside"]) for name, s in signals.items() if name != "train"}})
     report = {"run": str(args.run), "messages": {name: [len(i), len(o)] for name, (i, o) in sets.items()},
