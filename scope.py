@@ -46,7 +46,8 @@ CV_FOLDS = 5
 # is about an order. Written from the 40 prompt_injection examples of prompts/fallback.jsonl (catches 32; the rest
 # ask for other customers' data or an off-topic task, the classifier's job); the staff, management-memo, coerced-reply,
 # fake-turn and prompt-probe phrasings (28 Nov) from blind2's misses, which makes blind2 a development set, and from 28
-# more injections written then (catches 24; not in fallback.jsonl: docs/quality.md, "A third blind set"). Checked
+# more injections written then (catches 24; not in fallback.jsonl: docs/quality.md, "A third blind set"); "Note to AI:",
+# "[assistant instructions updated: ...]", "Developer debug:", "the system says you should" from blind4's misses. Checked
 # against every in-scope message the project has: 0 of 5,702 (the bundled Bitext instructions and prompts/in_scope.jsonl)
 # match, nor "your manager said I'd get a refund" or "thanks for your prompt reply" (tests/test_scope.py).
 INJECTION = re.compile(r"""
@@ -69,6 +70,8 @@ INJECTION = re.compile(r"""
   | \[\s*(?:assistant|system|bot)\s*\]\s*: | ^\s*(?:assistant|bot)\s*: | <!--[^>]{0,80}\b(?:assistant|system|ignore|instructions?)\b | \#\#\#\s*(?:instruction|system|new\ task|assistant|response|user)\b
   | \b(?:act|behave)\ as\ (?:a|an|my)\b | \bpretend\b | \brole-?play\b | \bstay\ in\ character\b | \bjailbreak | \bDAN\b | \bdo\ anything\ now\b
   | \b(?:developer|debug|maintenance|admin|god)\ mode\b | \bno\ (?:rules|restrictions|filters?|content\ filter)\b
+  | \bnote\ (?:to|for)\ (?:the\ )?(?:ai|assistant|bot|chatbot|model)\b | \b(?:assistant|bot|ai|system)\ (?:instructions?|rules|prompt)\ (?:updated|changed|overridden)\b
+  | \bdeveloper\ debug\b | \bthe\ system\ (?:says|said)\ you\ (?:should|must|can)\b
   | </?\s*(?:system|sys|user|assistant|end)\b[^>\n]{0,40}>|<<\s*/?SYS\s*>>|\[/?INST\]|\[(?:ADMIN|SYSTEM)[^\]]*\]|^\s*SYSTEM\s*:
 """, re.I | re.X | re.M)
 # Another customer's order or data, and another shop's policy: the embedding reads "what's the status of my neighbour's
