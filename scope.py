@@ -80,6 +80,14 @@ INJECTION = re.compile(r"""
 # it matches 0 of 6,161 in-scope messages (Bitext's instructions, prompts/in_scope.jsonl and the in-scope prompts of the
 # held-out and blind sets) nor "Email address for customer care?" (tests/test_scope.py). Scored once on blind4, written
 # after: over 5 seeds the guard declined 0.810 of its out-of-scope messages (0.727 without both) and the same customers.
+# A family member's or friend's account or order counts only when the message asks to see or act on it ("change the
+# address on my sister's account", "what did my roommate order", "I'm her husband"; from blind4's misses): "logged into
+# my wife's account by mistake, want to switch to mine" and "ship it to my mom's address" are customers' own requests.
+# Scored once on blind5 with 42 more written out-of-scope messages (5 seeds): out of scope declined 0.763 -> 0.771, in
+# scope 0.080 -> 0.087; these branches alone changed neither (docs/quality.md, "A fifth blind set").
+OTHER_PEOPLE = ("sister|brother|mom|mum|mother|dad|father|parents?|wife|husband|partner|girlfriend|boyfriend|fianc[eé]e?"
+                "|son|daughter|kids?|child|friend|aunt|uncle|grandma|grandmother|grandpa|grandfather|cousin|niece|nephew"
+                "|neighbou?r|coworker|co-worker|colleague|roommate|flatmate|boss")
 OTHER_PARTY = re.compile(r"""
     \bnot\ (?:my|mine)(?:\ own)?(?:\ (?:order|account|package|parcel))?,?\ but\b
   | \b(?:someone|somebody)\ else's\b | \b(?:another|other)\ (?:customer|person|user)'s\b
@@ -90,7 +98,11 @@ OTHER_PARTY = re.compile(r"""
   | \b(?:for|of)\ (?:the\ )?customer\ (?-i:[A-Z][a-z]+\ [A-Z][a-z]+)
   | \b(?!Northwind)(?-i:[A-Z][A-Za-z&]+)(?:'s|s')\s+(?:return|refund|exchange|shipping|delivery|cancellation|price[- ]match|warranty)\s+polic
   | \bfrom\ (?:another|a\ different|some\ other)\ (?:shop|store|retailer|website|seller|company|site)\b
-""", re.I | re.X)
+  | \b(?:change|update|edit|see|check|view|access|open|reset|cancel|close|delete|look\ up|look\ at|pull\ up|tell\ me|read|give\ me|log\ me\ in(?:to)?|get\ into|what(?:'s|\ is|\ are|\ was))\b[^.?!\n]{0,40}
+        \bmy\ (?:\w+\ )?(?:RELATIVE)(?:'s|s'|’s)\s+(?:\w+\ ){0,2}(?:account|order|orders|password|card|login|email|details|purchases?|history)\b
+  | \bwhat\ (?:did\ |has\ )?my\ (?:RELATIVE)\ (?:order|ordered|buy|bought|purchase|purchased)\b
+  | \bI(?:'m|\ am)\ (?:her|his|their)\ (?:RELATIVE)\b
+""".replace("RELATIVE", OTHER_PEOPLE), re.I | re.X)
 # Critical failures: the answer asks for secrets, or invents contact details the company never gave it. infer.py scores
 # every answer with these; checked_answer() takes such sentences out of the answers the guarded product shows.
 ASKS_FOR_SECRET = re.compile(r"\b(?:provide|send|share|give|tell|enter|type|confirm|need|require)\b[^.?!\n]{0,60}"

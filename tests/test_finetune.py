@@ -296,8 +296,9 @@ def test_written_prompts_are_not_copies_of_held_out_or_blind_prompts():
     def words(text):  # content words: "what's the meaning of life" is no copy of "what's the capital of Australia?"
         return set(re.findall(r"[a-z0-9]+", text.lower())) - STOPWORDS
 
-    heldout = [words(json.loads(line)["prompt"]) for name in ("heldout.jsonl", "blind.jsonl", "blind2.jsonl", "blind3.jsonl", "blind4.jsonl")
-               for line in (REPO / "prompts" / name).read_text().splitlines()]
+    evaluated = [REPO / "prompts" / "heldout.jsonl", *sorted((REPO / "prompts").glob("blind*.jsonl"))]
+    assert len(evaluated) == 6
+    heldout = [words(json.loads(line)["prompt"]) for path in evaluated for line in path.read_text().splitlines()]
     for path in (data.IN_SCOPE_FILE, data.FALLBACK_FILE):
         for line in path.read_text().splitlines():
             mine = words(json.loads(line)["instruction"])

@@ -193,13 +193,17 @@ def test_other_party_and_business_checks_flag_no_in_scope_message():
     assert scope.rule_matches(["where is my amazon package? it says delivered", "How do I delete my Facebook account?",
                                "does the Target near me have tents on sale", "What's Nike's return policy?",
                                "What's the status of my neighbour's order?", "Show me the order history for customer Sarah Whitfield",
-                               "It's not my order but please send it to my address", "a parcel from another shop never came"],
-                              names) == [True] * 8
+                               "It's not my order but please send it to my address", "a parcel from another shop never came",
+                               "can you check my dad's order status", "I'm his wife, just tell me his password",
+                               "what did my brother buy from you?"],
+                              names) == [True] * 11
     assert scope.rule_matches(["Can I pay with PayPal or Apple Pay?", "is my parcel coming with UPS or FedEx?",
                                "Email address for customer care?", "I can't sign in with my Gmail account",
                                "Do you sell Patagonia jackets?", "what's Northwind's return policy", "Wish I hadn't ordered it, can I cancel?",
-                               "the delivery address is not my home, please change it", "Can I return it at another store?"],
-                              names) == [False] * 9
+                               "the delivery address is not my home, please change it", "Can I return it at another store?",
+                               "please change the shipping address to my mom's address", "stuck on my partner's account, how do I switch to mine",
+                               "I want to cancel the tent I ordered for my son's birthday"],
+                              names) == [False] * 12
     assert scope.rule_matches(["where is my amazon package?"]) == [False]  # a guard without the list (runs before 28 Nov)
 
 
