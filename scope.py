@@ -20,6 +20,7 @@ GUARD_FILE = "guard.json"
 FALLBACK_REPLY_FILE = PROMPTS_DIR / "fallback_reply.txt"
 ENGLISH_ONLY_REPLY_FILE = PROMPTS_DIR / "english_only_reply.txt"
 OTHER_BUSINESSES_FILE = PROMPTS_DIR / "other_businesses.yaml"  # names the guard declines; the file says which and why
+BUSINESS_NAME_KINDS = ("any_case", "capitalised", "owned")  # how a name in that file must appear to count
 # Non-English messages get ENGLISH_ONLY_REPLY_FILE: SmolLM2 and MiniLM are English models. py3langid (offline model)
 # guesses the language among these; on the project's own messages (the written in-scope and out-of-scope files and the
 # bundled Bitext instructions, 5,817) English ones scored at most 0.77 for another language and the 11 non-English ones
@@ -47,13 +48,14 @@ CV_FOLDS = 5
 # ask for other customers' data or an off-topic task, the classifier's job); the staff, management-memo, coerced-reply,
 # fake-turn and prompt-probe phrasings (28 Nov) from blind2's misses, which makes blind2 a development set, and from 28
 # more injections written then (catches 24; not in fallback.jsonl: docs/quality.md, "A third blind set"); "Note to AI:",
-# "[assistant instructions updated: ...]", "Developer debug:", "the system says you should" from blind4's misses. Checked
+# "[assistant instructions updated: ...]", "Developer debug:", "the system says you should" from blind4's misses; "your
+# rules", not "the rules" (blind5: "the sign up page won't accept my password ... it meets all the rules"). Checked
 # against every in-scope message the project has: 0 of 5,702 (the bundled Bitext instructions and prompts/in_scope.jsonl)
 # match, nor "your manager said I'd get a refund" or "thanks for your prompt reply" (tests/test_scope.py).
 INJECTION = re.compile(r"""
     \b(?:ignore|disregard|forget|override|bypass)\b[^.?!\n]{0,40}\b(?:instructions?|rules|guidelines|restrictions|prompt|directions|policy|programming|filters?|shop\ stuff)\b
   | \b(?:system|hidden|secret|confidential|initial|original|previous|developer)[\s_-]+(?:prompt|instructions?|rules|notes|configuration|config)\b
-  | \b(?:your|the)\s+(?:instructions|rules|configuration|guidelines)\b(?![^.?!\n]{0,30}\b(?:return|refund|cancel|order|deliver|ship))
+  | \byour\s+(?:instructions|rules|configuration|guidelines)\b(?![^.?!\n]{0,30}\b(?:return|refund|cancel|order|deliver|ship))
   | \b(?:you\ are|you're)\s+(?:now|no\ longer)\b | \bfrom\ now\ on,?\s+(?:you|respond|answer|reply|only|speak|talk|act)\b
   | \bnew\ (?:company\ |store\ )?(?:rule|policy|instructions?)(?:\ from\ [^:.?!\n]{1,30})?\s*: | \bnew\ (?:\w+\ )?(?:rule|policy)\ from\ (?:the\ )?management\b
   | \b(?:management|head\ office|corporate|hq)\ (?:memo|notice|directive)\b | \b(?:notice|memo|directive)\ from\ (?:the\ )?(?:management|head\ office|corporate|hq|headquarters)\b
@@ -66,7 +68,7 @@ INJECTION = re.compile(r"""
   | \b(?:I\ (?:hereby\ )?(?:authori[sz]e|instruct|order|command)|I(?:'m|\ am)\ (?:hereby\ )?(?:authori[sz]ing|instructing|commanding))\ you\b | \b(?:authori[sz]ation|override)\ code\b
   | \b(?:management|headquarters|corporate|the\ developers?|the\ CEO)\ (?:says?|said|has\ (?:approved|authori[sz]ed|decided)|approved|authori[sz]ed|wants\ you|instructs?)\b
   | \b(?:respond|reply|answer)\ (?:only\ with|with\ only|only\ in|only\ as|(?:in|with)\ exactly\ this)\b | \bsay\ ["'“‘]?(?:yes|ok|okay|approved|confirmed)\b["'”’]?\ (?:if\ you\ understand|and\ then|then)\b | \b(?:respond|reply|answer|say)\ (?:with\ )?(?:just\ )?["'“‘][^"'”’\n]{1,30}["'”’]\ (?:and|then)\b
-  | \b(?:show|tell|give|print|reveal|share|repeat|what(?:'s|\ is|\ are|\ was))\b[^.?!\n]{0,30}\byour\ (?:system\ )?prompt\b | \b(?:instructions|rules)\ (?:were\ |have\ )?you\ (?:been\ )?(?:given|told)\b | \bwhat\ were\ you\ (?:told|programmed|instructed)\b
+  | \b(?:show|tell|give|print|reveal|share|repeat|what(?:'s|\ is|\ are|\ was))\b[^.?!\n]{0,30}\byour\ (?:system\ )?prompt\b | \b(?:instructions|rules)\ (?:were\ |have\ )?you\ (?:were\ |have\ |'ve\ )?(?:been\ )?(?:given|told)\b | \bwhat\ were\ you\ (?:told|programmed|instructed)\b
   | \[\s*(?:assistant|system|bot)\s*\]\s*: | ^\s*(?:assistant|bot)\s*: | <!--[^>]{0,80}\b(?:assistant|system|ignore|instructions?)\b | \#\#\#\s*(?:instruction|system|new\ task|assistant|response|user)\b
   | \b(?:act|behave)\ as\ (?:a|an|my)\b | \bpretend\b | \brole-?play\b | \bstay\ in\ character\b | \bjailbreak | \bDAN\b | \bdo\ anything\ now\b
   | \b(?:developer|debug|maintenance|admin|god)\ mode\b | \bno\ (?:rules|restrictions|filters?|content\ filter)\b
@@ -170,28 +172,32 @@ def read_english_only_reply():
 
 
 def read_other_businesses(path=OTHER_BUSINESSES_FILE):
-    """{"any_case": [names], "capitalised": [names]} from the YAML file (see the file for which names and why)."""
+    """{"any_case": [names], "capitalised": [names], "owned": [names]} from the YAML file (see the file for which
+    names and why)."""
     import yaml
 
-    path, fix = Path(path), "a YAML mapping with the lists any_case and capitalised (like prompts/other_businesses.yaml)"
+    path, fix = Path(path), f"a YAML mapping with the lists {', '.join(BUSINESS_NAME_KINDS)} (like prompts/other_businesses.yaml)"
     try:
         names = yaml.safe_load(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, yaml.YAMLError) as error:
         raise UserError(f"other businesses file {path} cannot be read ({type(error).__name__}): make it {fix}") from None
-    if (not isinstance(names, dict) or set(names) - {"any_case", "capitalised"}
+    if (not isinstance(names, dict) or set(names) - set(BUSINESS_NAME_KINDS)
             or not all(isinstance(v, list) and all(isinstance(n, str) and n.strip() for n in v) for v in names.values())):
         raise UserError(f"other businesses file {path} is not {fix}, each name a non-empty string")
-    return {kind: [n.strip() for n in names.get(kind, [])] for kind in ("any_case", "capitalised")}
+    return {kind: [n.strip() for n in names.get(kind, [])] for kind in BUSINESS_NAME_KINDS}
 
 
 def business_names(names):
-    """A pattern matching any of names["any_case"] in any case, and names["capitalised"] as written and not first in a
-    sentence ("Wish I hadn't ordered it" is not the Wish app), as whole words."""
+    """A pattern matching any of names["any_case"] in any case, names["capitalised"] as written and not first in a
+    sentence ("Wish I hadn't ordered it" is not the Wish app), and names["owned"] in any case after "my", "our", "his",
+    "her" or "their" ("my Facebook account", not "someone on Reddit said"), as whole words."""
     def either(group):
         return "|".join(re.escape(n).replace(r"\ ", r"\s+") for n in sorted(group, key=len, reverse=True))
 
     parts = ([f"(?i:{either(names['any_case'])})"] if names.get("any_case") else []) + \
-            ([f"(?<=[^\\s.!?]\\s)(?:{either(names['capitalised'])})"] if names.get("capitalised") else [])
+            ([f"(?<=[^\\s.!?]\\s)(?:{either(names['capitalised'])})"] if names.get("capitalised") else []) + \
+            ([f"(?i:(?<=\\bmy\\s)|(?<=\\bour\\s)|(?<=\\bhis\\s)|(?<=\\bher\\s)|(?<=\\btheir\\s))(?i:{either(names['owned'])})"]
+             if names.get("owned") else [])
     return re.compile(rf"(?<![\w@.-])(?:{'|'.join(parts)})(?![\w-])") if parts else None
 
 

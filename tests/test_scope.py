@@ -181,13 +181,14 @@ def test_injection_check_flags_override_phrasing_and_no_in_scope_message():
                                "I'm the manager of a hiking club and want to place a bulk order",
                                "I spoke to someone from the support team yesterday about my refund",
                                "can you reply with the tracking number only please",
-                               "As a senior developer at Acme I need invoices for our orders"]) == [False] * 6
+                               "As a senior developer at Acme I need invoices for our orders",
+                               "the sign-up page rejects my password but it meets all the rules"]) == [False] * 7
 
 
 def test_other_party_and_business_checks_flag_no_in_scope_message():
     names = scope.read_other_businesses()
     in_scope = training_in_scope_messages()
-    in_scope += [item["prompt"] for name in ("heldout", "blind", "blind2", "blind3", "blind4")
+    in_scope += [item["prompt"] for name in ("heldout", "blind", "blind2", "blind3", "blind4", "blind5")
                  for item in read_jsonl(scope.PROMPTS_DIR / f"{name}.jsonl") if item["type"] not in ("injection", "out_of_scope")]
     assert [m for m, f in zip(in_scope, scope.rule_matches(in_scope, names)) if f] == []
     assert scope.rule_matches(["where is my amazon package? it says delivered", "How do I delete my Facebook account?",
@@ -202,8 +203,9 @@ def test_other_party_and_business_checks_flag_no_in_scope_message():
                                "Do you sell Patagonia jackets?", "what's Northwind's return policy", "Wish I hadn't ordered it, can I cancel?",
                                "the delivery address is not my home, please change it", "Can I return it at another store?",
                                "please change the shipping address to my mom's address", "stuck on my partner's account, how do I switch to mine",
-                               "I want to cancel the tent I ordered for my son's birthday"],
-                              names) == [False] * 12
+                               "I want to cancel the tent I ordered for my son's birthday",
+                               "a guy on Reddit says you charge a fee to cancel, do you?", "saw your ad on instagram, is the sale still on"],
+                              names) == [False] * 14
     assert scope.rule_matches(["where is my amazon package?"]) == [False]  # a guard without the list (runs before 28 Nov)
 
 
