@@ -50,7 +50,7 @@ CV_FOLDS = 5
 # more injections written then (catches 24; not in fallback.jsonl: docs/quality.md, "A third blind set"); "Note to AI:",
 # "[assistant instructions updated: ...]", "Developer debug:", "the system says you should" from blind4's misses; "your
 # rules", not "the rules" (blind5: "the sign up page won't accept my password ... it meets all the rules"). Checked
-# against every in-scope message the project has: 0 of 5,702 (the bundled Bitext instructions and prompts/in_scope.jsonl)
+# against every in-scope message the project has: 0 of 5,808 (the bundled Bitext instructions and prompts/in_scope.jsonl)
 # match, nor "your manager said I'd get a refund" or "thanks for your prompt reply" (tests/test_scope.py).
 INJECTION = re.compile(r"""
     \b(?:ignore|disregard|forget|override|bypass)\b[^.?!\n]{0,40}\b(?:instructions?|rules|guidelines|restrictions|prompt|directions|policy|programming|filters?|shop\ stuff)\b
@@ -79,7 +79,7 @@ INJECTION = re.compile(r"""
 # Another customer's order or data, and another shop's policy: the embedding reads "what's the status of my neighbour's
 # order" and "what's Nike's return policy" as an order and a policy. Written from the other_people_data examples of
 # prompts/fallback.jsonl and the misses of blind, blind2 and blind3 (28 Nov). With the names of OTHER_BUSINESSES_FILE
-# it matches 0 of 6,161 in-scope messages (Bitext's instructions, prompts/in_scope.jsonl and the in-scope prompts of the
+# it matches 0 of 6,623 in-scope messages (Bitext's instructions, prompts/in_scope.jsonl and the in-scope prompts of the
 # held-out and blind sets) nor "Email address for customer care?" (tests/test_scope.py). Scored once on blind4, written
 # after: over 5 seeds the guard declined 0.810 of its out-of-scope messages (0.727 without both) and the same customers.
 # A family member's or friend's account or order counts only when the message asks to see or act on it ("change the

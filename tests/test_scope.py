@@ -151,7 +151,7 @@ def test_secrets_a_customer_types_are_masked(message, masked, kinds):
 
 
 def training_in_scope_messages():
-    """Every in-scope message a run can train on: the bundled Bitext instructions and prompts/in_scope.jsonl (5,702)."""
+    """Every in-scope message a run can train on: the bundled Bitext instructions and prompts/in_scope.jsonl (5,808)."""
     return data.read_table(data.BUNDLED_DATA)["instruction"].tolist() + data.load_in_scope(data.IN_SCOPE_FILE)["instruction"].tolist()
 
 
@@ -188,7 +188,7 @@ def test_injection_check_flags_override_phrasing_and_no_in_scope_message():
 def test_other_party_and_business_checks_flag_no_in_scope_message():
     names = scope.read_other_businesses()
     in_scope = training_in_scope_messages()
-    in_scope += [item["prompt"] for name in ("heldout", "blind", "blind2", "blind3", "blind4", "blind5")
+    in_scope += [item["prompt"] for name in ("heldout", "blind", "blind2", "blind3", "blind4", "blind5", "blind6")
                  for item in read_jsonl(scope.PROMPTS_DIR / f"{name}.jsonl") if item["type"] not in ("injection", "out_of_scope")]
     assert [m for m, f in zip(in_scope, scope.rule_matches(in_scope, names)) if f] == []
     assert scope.rule_matches(["where is my amazon package? it says delivered", "How do I delete my Facebook account?",
