@@ -86,7 +86,7 @@ INJECTION = re.compile(r"""
 # address on my sister's account", "what did my roommate order", "I'm her husband"; from blind4's misses): "logged into
 # my wife's account by mistake, want to switch to mine" and "ship it to my mom's address" are customers' own requests.
 # Scored once on blind5 with 42 more written out-of-scope messages (5 seeds): out of scope declined 0.763 -> 0.771, in
-# scope 0.080 -> 0.087; these branches alone changed neither (docs/quality.md, "A fifth blind set").
+# scope 0.080 -> 0.087; these branches alone changed neither (docs/quality.md, "a fifth and a sixth blind set").
 OTHER_PEOPLE = ("sister|brother|mom|mum|mother|dad|father|parents?|wife|husband|partner|girlfriend|boyfriend|fianc[eé]e?"
                 "|son|daughter|kids?|child|friend|aunt|uncle|grandma|grandmother|grandpa|grandfather|cousin|niece|nephew"
                 "|neighbou?r|coworker|co-worker|colleague|roommate|flatmate|boss")
