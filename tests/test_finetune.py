@@ -15,7 +15,7 @@ import data
 import finetune
 import training
 from common import PLACEHOLDER, UserError, load_placeholder_table
-from conftest import REPO, SHARED, assert_user_error, readme_command, run_script
+from conftest import EVALUATED_PROMPT_FILES, REPO, SHARED, assert_user_error, readme_command, run_script
 from models import TEMPLATE_DATE, load_tokenizer, render_chat, resolve_model, run_name
 
 SHAPE_3B = SHARED / "models" / "llama-3.2-3b-instruct-shape"
@@ -296,9 +296,8 @@ def test_written_prompts_are_not_copies_of_held_out_or_blind_prompts():
     def words(text):  # content words: "what's the meaning of life" is no copy of "what's the capital of Australia?"
         return set(re.findall(r"[a-z0-9]+", text.lower())) - STOPWORDS
 
-    evaluated = [REPO / "prompts" / "heldout.jsonl", *sorted((REPO / "prompts").glob("blind*.jsonl"))]
-    assert len(evaluated) == 7
-    heldout = [words(json.loads(line)["prompt"]) for path in evaluated for line in path.read_text().splitlines()]
+    assert len(EVALUATED_PROMPT_FILES) == 7
+    heldout = [words(json.loads(line)["prompt"]) for path in EVALUATED_PROMPT_FILES for line in path.read_text().splitlines()]
     for path in (data.IN_SCOPE_FILE, data.FALLBACK_FILE):
         for line in path.read_text().splitlines():
             mine = words(json.loads(line)["instruction"])

@@ -8,6 +8,7 @@ import data
 import finetune
 import scope
 from common import UserError, read_jsonl
+from conftest import EVALUATED_PROMPT_FILES
 from infer import DECLINES
 
 
@@ -188,8 +189,8 @@ def test_injection_check_flags_override_phrasing_and_no_in_scope_message():
 def test_other_party_and_business_checks_flag_no_in_scope_message():
     names = scope.read_other_businesses()
     in_scope = training_in_scope_messages()
-    in_scope += [item["prompt"] for name in ("heldout", "blind", "blind2", "blind3", "blind4", "blind5", "blind6")
-                 for item in read_jsonl(scope.PROMPTS_DIR / f"{name}.jsonl") if item["type"] not in ("injection", "out_of_scope")]
+    in_scope += [item["prompt"] for path in EVALUATED_PROMPT_FILES
+                 for item in read_jsonl(path) if item["type"] not in ("injection", "out_of_scope")]
     assert [m for m, f in zip(in_scope, scope.rule_matches(in_scope, names)) if f] == []
     assert scope.rule_matches(["where is my amazon package? it says delivered", "How do I delete my Facebook account?",
                                "does the Target near me have tents on sale", "What's Nike's return policy?",
