@@ -107,8 +107,14 @@ OTHER_PARTY = re.compile(r"""
 """.replace("RELATIVE", OTHER_PEOPLE), re.I | re.X)
 # Critical failures: the answer asks for secrets, or invents contact details the company never gave it. infer.py scores
 # every answer with these; checked_answer() takes such sentences out of the answers the guarded product shows.
-ASKS_FOR_SECRET = re.compile(r"\b(?:provide|send|share|give|tell|enter|type|confirm|need|require)\b[^.?!\n]{0,60}"
-                             r"\b(?:password|passcode|full (?:credit |debit )?card number|card number|cvv|cvc|pin)\b", re.I)
+# Not an answer that gives the customer something about a secret: "I'll send you a link to reset your password", "we
+# will give you a new PIN", "enter your new password twice" (the verb's object is "you", or the secret is to be reset,
+# changed or new). Before, those counted as critical failures and the guard's answer check replaced them with the
+# security note: the tuned model's answer to "my password isnt working ... need to reset it" on blind7 lost its steps.
+ASKS_FOR_SECRET = re.compile(r"\b(?:(?:provide|send|share|give|tell)\b(?!\s+you\b)|(?:enter|type|confirm|need|require)\b)"
+                             r"(?:(?!\b(?:reset|recover|change|update|new|forgot|forgotten|link)\b)[^.?!\n]){0,60}"
+                             r"\b(?:password|passcode|full (?:credit |debit )?card number|card number|cvv|cvc|pin)\b"
+                             r"(?!\s+(?:reset|recovery)\b)", re.I)
 WARNS_AGAINST = re.compile(r"\bnever\b|\bdo not\b|\bdon't\b", re.I)
 PHONE = re.compile(r"(?<![\w{])\+?\d[\d\s().-]{7,}\d")
 URL = re.compile(r"\bhttps?://\S+|\bwww\.\S+", re.I)
