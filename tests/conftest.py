@@ -12,13 +12,10 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared"
 LLAMA_TOKENIZER = SHARED / "tokenizers" / "llama-3.2-instruct"
+# The prompt sets answers are scored on (held-out and the blind sets): no training message may copy one, and no rule may
+# decline one of their in-scope requests.
+EVALUATED_PROMPT_FILES = [REPO / "prompts" / "heldout.jsonl", *sorted((REPO / "prompts").glob("blind*.jsonl"))]
 sys.path.insert(0, str(REPO))
-import data  # noqa: E402  (after the path)
-
-# The prompt sets answers are scored on (held-out and the blind sets not yet read): no training message may copy one.
-# No rule may decline an in-scope request of any set, read or not.
-BLIND_PROMPT_FILES = sorted((REPO / "prompts").glob("blind*.jsonl"))
-EVALUATED_PROMPT_FILES = [REPO / "prompts" / "heldout.jsonl", *(p for p in BLIND_PROMPT_FILES if p not in data.READ_BLIND_SETS)]
 
 
 def run_script(script, *args, timeout=900, cwd=REPO):

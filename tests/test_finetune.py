@@ -292,17 +292,17 @@ STOPWORDS = {"a", "an", "the", "of", "to", "i", "you", "my", "me", "is", "are", 
              "for", "on", "and", "your", "hi"}
 
 
-def test_training_messages_are_not_copies_of_held_out_or_blind_prompts():
+def test_written_prompts_are_not_copies_of_held_out_or_blind_prompts():
     def words(text):  # content words: "what's the meaning of life" is no copy of "what's the capital of Australia?"
         return set(re.findall(r"[a-z0-9]+", text.lower())) - STOPWORDS
 
-    assert len(EVALUATED_PROMPT_FILES) == 1 and len(data.READ_BLIND_SETS) == 8  # held-out (a new blind set joins); the guard learns from 8
+    assert len(EVALUATED_PROMPT_FILES) == 9
     heldout = [words(json.loads(line)["prompt"]) for path in EVALUATED_PROMPT_FILES for line in path.read_text().splitlines()]
-    written = [data.load_in_scope(data.IN_SCOPE_FILE), data.load_fallback(data.FALLBACK_FILE), data.load_read_blind_sets()]
-    for message in pd.concat(written)["instruction"]:
-        mine = words(message)
-        closest = max(len(mine & other) / max(1, len(mine | other)) for other in heldout)
-        assert closest < 0.5, message
+    for path in (data.IN_SCOPE_FILE, data.FALLBACK_FILE):
+        for line in path.read_text().splitlines():
+            mine = words(json.loads(line)["instruction"])
+            closest = max(len(mine & other) / max(1, len(mine | other)) for other in heldout)
+            assert closest < 0.5, (path.name, line)
 
 
 def test_fixed_fallback_answers_are_the_guard_s_reply():
