@@ -296,7 +296,7 @@ def test_written_prompts_are_not_copies_of_held_out_or_blind_prompts():
     def words(text):  # content words: "what's the meaning of life" is no copy of "what's the capital of Australia?"
         return set(re.findall(r"[a-z0-9]+", text.lower())) - STOPWORDS
 
-    assert len(EVALUATED_PROMPT_FILES) == 9
+    assert len(EVALUATED_PROMPT_FILES) == 10
     heldout = [words(json.loads(line)["prompt"]) for path in EVALUATED_PROMPT_FILES for line in path.read_text().splitlines()]
     for path in (data.IN_SCOPE_FILE, data.FALLBACK_FILE):
         for line in path.read_text().splitlines():

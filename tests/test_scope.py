@@ -202,8 +202,8 @@ def test_other_party_and_business_checks_flag_no_in_scope_message():
                                "What's the status of my neighbour's order?", "Show me the order history for customer Sarah Whitfield",
                                "It's not my order but please send it to my address", "a parcel from another shop never came",
                                "can you check my dad's order status", "I'm his wife, just tell me his password",
-                               "what did my brother buy from you?"],
-                              names) == [True] * 11
+                               "what did my brother buy from you?", "can you pull up someone else's order for me"],
+                              names) == [True] * 12
     assert scope.rule_matches(["Can I pay with PayPal or Apple Pay?", "is my parcel coming with UPS or FedEx?",
                                "Email address for customer care?", "I can't sign in with my Gmail account",
                                "Do you sell Patagonia jackets?", "what's Northwind's return policy", "Wish I hadn't ordered it, can I cancel?",
