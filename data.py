@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from common import PLACEHOLDER, PROMPTS_DIR, REPO, UserError, building, read_jsonl, read_system_prompt, sha256_file
+from common import HELDOUT_FILE, PLACEHOLDER, PROMPTS_DIR, REPO, UserError, building, read_jsonl, read_system_prompt, sha256_file
 from models import chat_messages, load_tokenizer, render_chat
 
 log = logging.getLogger(__name__)
@@ -25,6 +25,17 @@ BUNDLED_DATA = REPO / "data" / "bitext_v11_bundled.csv.gz"
 BUNDLED_LICENSE = REPO / "data" / "LICENSE_CDLA-Sharing-1.0.txt"
 FALLBACK_FILE = PROMPTS_DIR / "fallback.jsonl"
 IN_SCOPE_FILE = PROMPTS_DIR / "in_scope.jsonl"
+# Sets written to score the scope guard on messages nobody had tuned it for, each scored once and then read to fix
+# what it showed (docs/quality.md): no longer blind, they teach the guard (never the model) how customers and everyone
+# else write. The held-out prompts and the blind sets written after them are the ones scored: nothing a run or its
+# guard learns from may copy one of their prompts (copies_an_evaluated_prompt).
+READ_BLIND_SETS = [PROMPTS_DIR / f"blind{number}.jsonl" for number in ("", 2, 3, 4, 5, 6, 7, 8, 9)]
+EVALUATED_PROMPT_FILES = [HELDOUT_FILE, *(path for path in sorted(PROMPTS_DIR.glob("blind*.jsonl")) if path not in READ_BLIND_SETS)]
+# Words too common to make two messages alike: "what's the meaning of life" is no copy of "what's the capital of
+# Australia?". A copy shares at least half of the two messages' other words (Jaccard).
+COPY_STOPWORDS = {"a", "an", "the", "of", "to", "i", "you", "my", "me", "is", "are", "what", "s", "how", "do", "can", "it",
+                  "in", "for", "on", "and", "your", "hi"}
+COPY_JACCARD = 0.5
 MAX_CELL_CHARS = 100_000  # ~25k tokens: no training example that long fits any sensible --max-seq-length
 FALLBACK_INTENT, FALLBACK_CATEGORY = "out_of_scope", "FALLBACK"
 NO_INTENT = "(none)"  # every row's intent with --intent-column none: one stratum, no intent metric
@@ -248,6 +259,32 @@ def load_in_scope(path):
     return frame
 
 
+def load_read_blind_sets(paths=tuple(READ_BLIND_SETS)):
+    """The read blind sets' messages as (instruction, intent) rows: a plain request with the intent its writer meant,
+    an out-of-scope message or an injection with FALLBACK_INTENT; a message in two sets once ("tell me a joke")."""
+    items = [item for path in paths for item in read_jsonl(path, needs=("prompt", "type", "expected_intent"),
+                                                           what="blind set", fix="restore it from git")]
+    frame = pd.DataFrame({"instruction": [item["prompt"].strip() for item in items],
+                          "intent": [FALLBACK_INTENT if item["type"] in ("out_of_scope", "injection") else item["expected_intent"]
+                                     for item in items]}).drop_duplicates("instruction", ignore_index=True)
+    # 62 of 1,449 ("I forgot my password", "What's your refund policy?") are held-out prompts in other words
+    return frame[~np.array(copies_an_evaluated_prompt(frame["instruction"]))].reset_index(drop=True)
+
+
+def content_words(text):
+    return set(re.findall(r"[a-z0-9]+", text.lower())) - COPY_STOPWORDS
+
+
+def copies_an_evaluated_prompt(messages, paths=tuple(EVALUATED_PROMPT_FILES)):
+    """For each message, whether it shares COPY_JACCARD of its content words with a prompt of the evaluated sets."""
+    evaluated = [content_words(item["prompt"]) for path in paths
+                 for item in read_jsonl(path, needs=("prompt",), what="prompt set", fix="restore it from git")]
+
+    def closest(words):
+        return max(len(words & other) / max(1, len(words | other)) for other in evaluated)
+    return [closest(content_words(message)) >= COPY_JACCARD for message in messages]
+
+
 def read_written_examples(path, what, fields, fix):
     items = read_jsonl(path, needs=fields, what=f"{what} file", fix=f"pass {fix}")
     for number, item in enumerate(items, 1):
@@ -355,16 +392,24 @@ def make_splits(rows, fallback=None, in_scope=None, *, val_ratio=0.05, test_rati
     return splits
 
 
-def guard_messages(splits, fallback, in_scope, seed):
+def guard_messages(splits, fallback, in_scope, seed, read_blind=None):
     """The scope guard's messages of each split, {split: [text]} in scope and out of scope: the run's in-scope
-    instructions (with the written in-scope pool of each split) against the whole out-of-scope pool of each split. The
-    guard is not limited by --fallback-ratio, which sets the model's mixture."""
+    instructions (with the written in-scope pool of each split) against the whole out-of-scope pool of each split, and
+    the read blind sets' messages (load_read_blind_sets; their requests of intents the run has) cut into pools the same
+    way. The guard is not limited by --fallback-ratio, which sets the model's mixture."""
     inside = {name: split.loc[split["intent"] != FALLBACK_INTENT, "instruction"].tolist() for name, split in splits.items()}
     if in_scope is not None:
         for name, pool in example_pools(in_scope, seed).items():
             if name != "train":  # the train pool is in the train split already
                 inside[name] += pool["instruction"].tolist()
     outside = {name: pool["instruction"].tolist() for name, pool in example_pools(fallback, seed).items()}
+    if read_blind is not None:
+        declined = read_blind["intent"] == FALLBACK_INTENT
+        requests = read_blind[~declined & read_blind["intent"].isin(splits["train"]["intent"])]
+        for name, pool in example_pools(requests, seed).items():
+            inside[name] += pool["instruction"].tolist()
+        for name, pool in example_pools(read_blind[declined], seed).items():
+            outside[name] += pool["instruction"].tolist()
     return inside, outside
 
 

@@ -12,9 +12,6 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared"
 LLAMA_TOKENIZER = SHARED / "tokenizers" / "llama-3.2-instruct"
-# The prompt sets answers are scored on (held-out and the blind sets): no training message may copy one, and no rule may
-# decline one of their in-scope requests.
-EVALUATED_PROMPT_FILES = [REPO / "prompts" / "heldout.jsonl", *sorted((REPO / "prompts").glob("blind*.jsonl"))]
 sys.path.insert(0, str(REPO))
 
 

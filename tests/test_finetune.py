@@ -2,7 +2,6 @@
 label masking, settings and config files, end to end."""
 import json
 import os
-import re
 from pathlib import Path
 
 import pandas as pd
@@ -15,7 +14,7 @@ import data
 import finetune
 import training
 from common import PLACEHOLDER, UserError, load_placeholder_table
-from conftest import EVALUATED_PROMPT_FILES, REPO, SHARED, assert_user_error, readme_command, run_script
+from conftest import REPO, SHARED, assert_user_error, readme_command, run_script
 from models import TEMPLATE_DATE, load_tokenizer, render_chat, resolve_model, run_name
 
 SHAPE_3B = SHARED / "models" / "llama-3.2-3b-instruct-shape"
@@ -288,21 +287,13 @@ def test_written_in_scope_examples_join_train_with_answers_of_their_intent(bundl
     assert all((r.intent, r.response) in bitext_answers for r in added.itertuples())
 
 
-STOPWORDS = {"a", "an", "the", "of", "to", "i", "you", "my", "me", "is", "are", "what", "s", "how", "do", "can", "it", "in",
-             "for", "on", "and", "your", "hi"}
-
-
-def test_written_prompts_are_not_copies_of_held_out_or_blind_prompts():
-    def words(text):  # content words: "what's the meaning of life" is no copy of "what's the capital of Australia?"
-        return set(re.findall(r"[a-z0-9]+", text.lower())) - STOPWORDS
-
-    assert len(EVALUATED_PROMPT_FILES) == 10
-    heldout = [words(json.loads(line)["prompt"]) for path in EVALUATED_PROMPT_FILES for line in path.read_text().splitlines()]
-    for path in (data.IN_SCOPE_FILE, data.FALLBACK_FILE):
-        for line in path.read_text().splitlines():
-            mine = words(json.loads(line)["instruction"])
-            closest = max(len(mine & other) / max(1, len(mine | other)) for other in heldout)
-            assert closest < 0.5, (path.name, line)
+def test_training_messages_are_not_copies_of_held_out_or_blind_prompts():
+    assert len(data.EVALUATED_PROMPT_FILES) == 1 and len(data.READ_BLIND_SETS) == 9  # held-out (a new blind set joins); the guard learns from 9
+    written = [data.load_in_scope(data.IN_SCOPE_FILE), data.load_fallback(data.FALLBACK_FILE), data.load_read_blind_sets()]
+    messages = pd.concat(written)["instruction"].tolist()
+    assert [m for m, copy in zip(messages, data.copies_an_evaluated_prompt(messages)) if copy] == []
+    assert data.copies_an_evaluated_prompt(["where's my order??", "What is the capital of Australia", "refund policy pls"]) == [True] * 3
+    assert data.copies_an_evaluated_prompt(["what's the meaning of life", "the refund for my boots never came"]) == [False] * 2
 
 
 def test_fixed_fallback_answers_are_the_guard_s_reply():
