@@ -267,7 +267,7 @@ def load_read_blind_sets(paths=tuple(READ_BLIND_SETS)):
     frame = pd.DataFrame({"instruction": [item["prompt"].strip() for item in items],
                           "intent": [FALLBACK_INTENT if item["type"] in ("out_of_scope", "injection") else item["expected_intent"]
                                      for item in items]}).drop_duplicates("instruction", ignore_index=True)
-    # 62 of 1,449 ("I forgot my password", "What's your refund policy?") are held-out prompts in other words
+    # 62 of 1,659 ("I forgot my password", "What's your refund policy?") are held-out prompts in other words
     return frame[~np.array(copies_an_evaluated_prompt(frame["instruction"]))].reset_index(drop=True)
 
 
