@@ -30,6 +30,14 @@ IN_SCOPE_FILE = PROMPTS_DIR / "in_scope.jsonl"
 # else write. The held-out prompts and the blind sets written after them are the ones scored: nothing a run or its
 # guard learns from may copy one of their prompts (copies_an_evaluated_prompt).
 READ_BLIND_SETS = [PROMPTS_DIR / f"blind{number}.jsonl" for number in ("", 2, 3, 4, 5, 6, 7, 8, 9)]
+# Written for the guard (29 Nov) by a writer who saw no project file: for 14 kinds of shop, 16 customer requests that
+# name one of its products ("still waiting on my refund for the Oakley sunglasses") and 6 questions about its products
+# or topic that are not support (a recipe, a restock). On the new stores of blind10-blind12 the guard declined 60 of
+# 1,400 customers, nearly all naming a product whose topic (pet food, protein bars, a novel) reads like an off-topic
+# question; learning from these (and a 2% budget, scope.MAX_IN_SCOPE_DECLINED) it declined 11 (docs/quality.md,
+# "Customers who name a product").
+PRODUCT_MESSAGES_FILE = PROMPTS_DIR / "product_messages.jsonl"
+GUARD_SETS = [*READ_BLIND_SETS, PRODUCT_MESSAGES_FILE]  # what the guard learns from besides the run's messages
 EVALUATED_PROMPT_FILES = [HELDOUT_FILE, *(path for path in sorted(PROMPTS_DIR.glob("blind*.jsonl")) if path not in READ_BLIND_SETS)]
 # Words too common to make two messages alike: "what's the meaning of life" is no copy of "what's the capital of
 # Australia?". A copy shares at least half of the two messages' other words (Jaccard).
@@ -259,15 +267,15 @@ def load_in_scope(path):
     return frame
 
 
-def load_read_blind_sets(paths=tuple(READ_BLIND_SETS)):
-    """The read blind sets' messages as (instruction, intent) rows: a plain request with the intent its writer meant,
+def load_guard_sets(paths=tuple(GUARD_SETS)):
+    """The messages of GUARD_SETS as (instruction, intent) rows: a plain request with the intent its writer meant,
     an out-of-scope message or an injection with FALLBACK_INTENT; a message in two sets once ("tell me a joke")."""
     items = [item for path in paths for item in read_jsonl(path, needs=("prompt", "type", "expected_intent"),
-                                                           what="blind set", fix="restore it from git")]
+                                                           what="guard set", fix="restore it from git")]
     frame = pd.DataFrame({"instruction": [item["prompt"].strip() for item in items],
                           "intent": [FALLBACK_INTENT if item["type"] in ("out_of_scope", "injection") else item["expected_intent"]
                                      for item in items]}).drop_duplicates("instruction", ignore_index=True)
-    # 62 of 1,659 ("I forgot my password", "What's your refund policy?") are held-out prompts in other words
+    # 66 of 1,967 ("I forgot my password", "What's your refund policy?") are evaluated prompts in other words
     return frame[~np.array(copies_an_evaluated_prompt(frame["instruction"]))].reset_index(drop=True)
 
 
@@ -392,10 +400,10 @@ def make_splits(rows, fallback=None, in_scope=None, *, val_ratio=0.05, test_rati
     return splits
 
 
-def guard_messages(splits, fallback, in_scope, seed, read_blind=None):
+def guard_messages(splits, fallback, in_scope, seed, guard_sets=None):
     """The scope guard's messages of each split, {split: [text]} in scope and out of scope: the run's in-scope
     instructions (with the written in-scope pool of each split) against the whole out-of-scope pool of each split, and
-    the read blind sets' messages (load_read_blind_sets; their requests of intents the run has) cut into pools the same
+    the messages of GUARD_SETS (load_guard_sets; their requests of intents the run has) cut into pools the same
     way. The guard is not limited by --fallback-ratio, which sets the model's mixture."""
     inside = {name: split.loc[split["intent"] != FALLBACK_INTENT, "instruction"].tolist() for name, split in splits.items()}
     if in_scope is not None:
@@ -403,12 +411,12 @@ def guard_messages(splits, fallback, in_scope, seed, read_blind=None):
             if name != "train":  # the train pool is in the train split already
                 inside[name] += pool["instruction"].tolist()
     outside = {name: pool["instruction"].tolist() for name, pool in example_pools(fallback, seed).items()}
-    if read_blind is not None:
-        declined = read_blind["intent"] == FALLBACK_INTENT
-        requests = read_blind[~declined & read_blind["intent"].isin(splits["train"]["intent"])]
+    if guard_sets is not None:
+        declined = guard_sets["intent"] == FALLBACK_INTENT
+        requests = guard_sets[~declined & guard_sets["intent"].isin(splits["train"]["intent"])]
         for name, pool in example_pools(requests, seed).items():
             inside[name] += pool["instruction"].tolist()
-        for name, pool in example_pools(read_blind[declined], seed).items():
+        for name, pool in example_pools(guard_sets[declined], seed).items():
             outside[name] += pool["instruction"].tolist()
     return inside, outside
 

@@ -195,10 +195,10 @@ def build_guard(splits, fallback, in_scope, seed):
     """The scope guard for this run, on data.guard_messages of train and val; its classifier, regularisation and
     threshold are chosen by cross-validation over them, with the written in-scope messages as the customers whose
     declines it counts."""
-    read_blind = None if in_scope is None else data.load_read_blind_sets()  # they come with the written messages
-    inside, outside = data.guard_messages(splits, fallback, in_scope, seed, read_blind)
+    guard_sets = None if in_scope is None else data.load_guard_sets()  # they come with the written messages
+    inside, outside = data.guard_messages(splits, fallback, in_scope, seed, guard_sets)
     fitted_on = inside["train"] + inside["val"]
-    written = set() if in_scope is None else set(in_scope["instruction"]) | set(read_blind["instruction"])
+    written = set() if in_scope is None else set(in_scope["instruction"]) | set(guard_sets["instruction"])
     guard = scope.train_guard(fitted_on, outside["train"] + outside["val"], scope.read_fallback_reply(),
                               customer_worded=[message in written for message in fitted_on], test_in_scope=inside["test"],
                               test_out_of_scope=outside["test"], english_only_reply=scope.read_english_only_reply(),

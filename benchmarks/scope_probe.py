@@ -49,8 +49,8 @@ def messages_of(run, config):
     splits = {name: pd.DataFrame(read_jsonl(run / f"{name}.jsonl")) for name in ("train", "val", "test")}
     fallback = data.load_fallback(config["fallback_file"])
     in_scope = data.load_in_scope(config["in_scope_file"]) if config.get("in_scope_examples") else None
-    read_blind = None if in_scope is None else data.load_read_blind_sets()  # as finetune.build_guard adds them
-    inside, outside = data.guard_messages(splits, fallback, in_scope, config["seed"], read_blind)
+    guard_sets = None if in_scope is None else data.load_guard_sets()  # as finetune.build_guard adds them
+    inside, outside = data.guard_messages(splits, fallback, in_scope, config["seed"], guard_sets)
     return {name: (inside[name], outside[name]) for name in splits}
 
 

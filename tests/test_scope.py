@@ -101,19 +101,19 @@ def test_guard_separates_cross_validated_and_test_messages(guard):
     assert guard.out_of_scope(["Please cancel my order 55123", "Write me a poem about the sea"]) == [False, True]
 
 
-def test_guard_learns_from_the_read_blind_sets_only_what_the_run_has():
-    read_blind = data.load_read_blind_sets()
-    assert len(read_blind) == 1597 and read_blind["intent"].eq(data.FALLBACK_INTENT).sum() == 583  # 1,659 less 62 copies
+def test_guard_learns_from_the_guard_sets_only_what_the_run_has():
+    guard_sets = data.load_guard_sets()
+    assert len(guard_sets) == 1901 and guard_sets["intent"].eq(data.FALLBACK_INTENT).sum() == 664  # 1,967 less 66 copies
     rows = data.validate_rows(data.read_table(data.BUNDLED_DATA))
     fallback, written = data.load_fallback(data.FALLBACK_FILE), data.load_in_scope(data.IN_SCOPE_FILE)
     splits = data.make_splits(rows[rows["intent"] != "cancel_order"], fallback, written, subset=500)
-    inside, outside = data.guard_messages(splits, fallback, written, 42, read_blind)
+    inside, outside = data.guard_messages(splits, fallback, written, 42, guard_sets)
     without_inside, without_outside = data.guard_messages(splits, fallback, written, 42)
     added_inside = {m for name in inside for m in set(inside[name]) - set(without_inside[name])}
     added_outside = {m for name in outside for m in set(outside[name]) - set(without_outside[name])}
-    requests = read_blind[read_blind["intent"] != data.FALLBACK_INTENT]
+    requests = guard_sets[guard_sets["intent"] != data.FALLBACK_INTENT]
     assert added_inside == set(requests.loc[requests["intent"] != "cancel_order", "instruction"])  # not an intent the run lacks
-    assert added_outside == set(read_blind.loc[read_blind["intent"] == data.FALLBACK_INTENT, "instruction"])
+    assert added_outside == set(guard_sets.loc[guard_sets["intent"] == data.FALLBACK_INTENT, "instruction"])
     for pools, added in ((inside, added_inside), (outside, added_outside)):  # each of them in one split only
         train, val, test = (set(pools[name]) & added for name in ("train", "val", "test"))
         assert not train & val and not train & test and not val & test
@@ -176,10 +176,10 @@ def test_secrets_a_customer_types_are_masked(message, masked, kinds):
 
 def training_in_scope_messages():
     """Every in-scope message a run or its guard can train on: the bundled Bitext instructions, prompts/in_scope.jsonl
-    and the read blind sets' requests less their copies of held-out prompts (6,822)."""
-    read_blind = data.load_read_blind_sets()
+    and the guard sets' requests less their copies of evaluated prompts (7,045)."""
+    guard_sets = data.load_guard_sets()
     return (data.read_table(data.BUNDLED_DATA)["instruction"].tolist() + data.load_in_scope(data.IN_SCOPE_FILE)["instruction"].tolist()
-            + read_blind.loc[read_blind["intent"] != data.FALLBACK_INTENT, "instruction"].tolist())
+            + guard_sets.loc[guard_sets["intent"] != data.FALLBACK_INTENT, "instruction"].tolist())
 
 
 def test_injection_check_flags_override_phrasing_and_no_in_scope_message():
