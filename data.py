@@ -32,7 +32,8 @@ IN_SCOPE_FILE = PROMPTS_DIR / "in_scope.jsonl"
 READ_BLIND_SETS = [PROMPTS_DIR / f"blind{number}.jsonl" for number in ("", 2, 3, 4, 5, 6, 7, 8, 9)]
 # Written for the guard (29 Nov) by a writer who saw no project file: for 14 kinds of shop, 16 customer requests that
 # name one of its products ("still waiting on my refund for the Oakley sunglasses") and 6 questions about its products
-# or topic that are not support (a recipe, a restock). On the new stores of blind10-blind12 the guard declined 60 of
+# or topic that are not support (a recipe, a restock); less one request about a Nintendo Switch, a business
+# prompts/other_businesses.yaml names for this store. On the new stores of blind10-blind12 the guard declined 60 of
 # 1,400 customers, nearly all naming a product whose topic (pet food, protein bars, a novel) reads like an off-topic
 # question; learning from these (and a 2% budget, scope.MAX_IN_SCOPE_DECLINED) it declined 11 (docs/quality.md,
 # "Customers who name a product").
@@ -275,7 +276,7 @@ def load_guard_sets(paths=tuple(GUARD_SETS)):
     frame = pd.DataFrame({"instruction": [item["prompt"].strip() for item in items],
                           "intent": [FALLBACK_INTENT if item["type"] in ("out_of_scope", "injection") else item["expected_intent"]
                                      for item in items]}).drop_duplicates("instruction", ignore_index=True)
-    # 66 of 1,967 ("I forgot my password", "What's your refund policy?") are evaluated prompts in other words
+    # 66 of 1,966 ("I forgot my password", "What's your refund policy?") are evaluated prompts in other words
     return frame[~np.array(copies_an_evaluated_prompt(frame["instruction"]))].reset_index(drop=True)
 
 

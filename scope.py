@@ -54,13 +54,14 @@ CV_FOLDS = 5
 # fake-turn and prompt-probe phrasings (28 Nov) from blind2's misses, which makes blind2 a development set, and from 28
 # more injections written then (catches 24; not in fallback.jsonl: docs/quality.md, "A third blind set"); "Note to AI:",
 # "[assistant instructions updated: ...]", "Developer debug:", "the system says you should" from blind4's misses; "your
-# rules", not "the rules" (blind5: "the sign up page won't accept my password ... it meets all the rules"). Checked
+# rules", not "the rules" (blind5: "the sign up page won't accept my password ... it meets all the rules"), and not
+# "under / by / per / according to your rules" (blind13: "how does the refund work under your rules?"). Checked
 # against every in-scope message the project has: 0 of 5,808 (the bundled Bitext instructions and prompts/in_scope.jsonl)
 # match, nor "your manager said I'd get a refund" or "thanks for your prompt reply" (tests/test_scope.py).
 INJECTION = re.compile(r"""
     \b(?:ignore|disregard|forget|override|bypass)\b[^.?!\n]{0,40}\b(?:instructions?|rules|guidelines|restrictions|prompt|directions|policy|programming|filters?|shop\ stuff)\b
   | \b(?:system|hidden|secret|confidential|initial|original|previous|developer)[\s_-]+(?:prompt|instructions?|rules|notes|configuration|config)\b
-  | \byour\s+(?:instructions|rules|configuration|guidelines)\b(?![^.?!\n]{0,30}\b(?:return|refund|cancel|order|deliver|ship))
+  | (?<!\bunder\ )(?<!\bby\ )(?<!\bper\ )(?<!according\ to\ )\byour\s+(?:instructions|rules|configuration|guidelines)\b(?![^.?!\n]{0,30}\b(?:return|refund|cancel|order|deliver|ship))
   | \b(?:you\ are|you're)\s+(?:now|no\ longer)\b | \bfrom\ now\ on,?\s+(?:you|respond|answer|reply|only|speak|talk|act)\b
   | \bnew\ (?:company\ |store\ )?(?:rule|policy|instructions?)(?:\ from\ [^:.?!\n]{1,30})?\s*: | \bnew\ (?:\w+\ )?(?:rule|policy)\ from\ (?:the\ )?management\b
   | \b(?:management|head\ office|corporate|hq)\ (?:memo|notice|directive)\b | \b(?:notice|memo|directive)\ from\ (?:the\ )?(?:management|head\ office|corporate|hq|headquarters)\b

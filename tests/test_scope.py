@@ -103,7 +103,7 @@ def test_guard_separates_cross_validated_and_test_messages(guard):
 
 def test_guard_learns_from_the_guard_sets_only_what_the_run_has():
     guard_sets = data.load_guard_sets()
-    assert len(guard_sets) == 1901 and guard_sets["intent"].eq(data.FALLBACK_INTENT).sum() == 664  # 1,967 less 66 copies
+    assert len(guard_sets) == 1900 and guard_sets["intent"].eq(data.FALLBACK_INTENT).sum() == 664  # 1,966 less 66 copies
     rows = data.validate_rows(data.read_table(data.BUNDLED_DATA))
     fallback, written = data.load_fallback(data.FALLBACK_FILE), data.load_in_scope(data.IN_SCOPE_FILE)
     splits = data.make_splits(rows[rows["intent"] != "cancel_order"], fallback, written, subset=500)
@@ -176,7 +176,7 @@ def test_secrets_a_customer_types_are_masked(message, masked, kinds):
 
 def training_in_scope_messages():
     """Every in-scope message a run or its guard can train on: the bundled Bitext instructions, prompts/in_scope.jsonl
-    and the guard sets' requests less their copies of evaluated prompts (7,045)."""
+    and the guard sets' requests less their copies of evaluated prompts (7,044)."""
     guard_sets = data.load_guard_sets()
     return (data.read_table(data.BUNDLED_DATA)["instruction"].tolist() + data.load_in_scope(data.IN_SCOPE_FILE)["instruction"].tolist()
             + guard_sets.loc[guard_sets["intent"] != data.FALLBACK_INTENT, "instruction"].tolist())
