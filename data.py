@@ -35,8 +35,9 @@ READ_BLIND_SETS = [PROMPTS_DIR / f"blind{number}.jsonl" for number in ("", 2, 3,
 # or topic that are not support (a recipe, a restock); less one request about a Nintendo Switch, a business
 # prompts/other_businesses.yaml names for this store. On the new stores of blind10-blind12 the guard declined 60 of
 # 1,400 customers, nearly all naming a product whose topic (pet food, protein bars, a novel) reads like an off-topic
-# question; learning from these (and a 2% budget, scope.MAX_IN_SCOPE_DECLINED) it declined 11 (docs/quality.md,
-# "Customers who name a product").
+# question; learning from these (and a 2% budget, scope.MAX_IN_SCOPE_DECLINED) it declined 11. Judged once on blind13
+# (toy and garden shops, kinds the file leaves out): customers declined 21 -> 10 of 670, others 292 -> 300 of 315
+# (docs/quality.md, "Customers who name a product").
 PRODUCT_MESSAGES_FILE = PROMPTS_DIR / "product_messages.jsonl"
 GUARD_SETS = [*READ_BLIND_SETS, PRODUCT_MESSAGES_FILE]  # what the guard learns from besides the run's messages
 EVALUATED_PROMPT_FILES = [HELDOUT_FILE, *(path for path in sorted(PROMPTS_DIR.glob("blind*.jsonl")) if path not in READ_BLIND_SETS)]
