@@ -281,6 +281,12 @@ def load_guard_sets(paths=tuple(GUARD_SETS)):
     return frame[~np.array(copies_an_evaluated_prompt(frame["instruction"]))].reset_index(drop=True)
 
 
+def guard_sets_for(in_scope):
+    """load_guard_sets() for a run that has the written in-scope messages (in_scope), None for one without them: the
+    guard sets are customers' words too, and come with those."""
+    return None if in_scope is None else load_guard_sets()
+
+
 def content_words(text):
     return set(re.findall(r"[a-z0-9]+", text.lower())) - COPY_STOPWORDS
 

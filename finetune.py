@@ -195,7 +195,7 @@ def build_guard(splits, fallback, in_scope, seed):
     """The scope guard for this run, on data.guard_messages of train and val; its classifier, regularisation and
     threshold are chosen by cross-validation over them, with the written in-scope messages as the customers whose
     declines it counts."""
-    guard_sets = None if in_scope is None else data.load_guard_sets()  # they come with the written messages
+    guard_sets = data.guard_sets_for(in_scope)
     inside, outside = data.guard_messages(splits, fallback, in_scope, seed, guard_sets)
     fitted_on = inside["train"] + inside["val"]
     written = set() if in_scope is None else set(in_scope["instruction"]) | set(guard_sets["instruction"])

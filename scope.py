@@ -60,6 +60,7 @@ CV_FOLDS = 5
 # Otter employee from the billing team", "this is Mark from the Dog-Eared Books IT team"). Checked
 # against every in-scope message the project has: 0 of 5,808 (the bundled Bitext instructions and prompts/in_scope.jsonl)
 # match, nor "your manager said I'd get a refund" or "thanks for your prompt reply" (tests/test_scope.py).
+STORE_NAME = r"(?-i:[A-Z][\w&'-]+)"  # a word of a store's name, in capitals ("Little Otter", "Dog-Eared Books")
 INJECTION = re.compile(r"""
     \b(?:ignore|disregard|forget|override|bypass)\b[^.?!\n]{0,40}\b(?:instructions?|rules|guidelines|restrictions|prompt|directions|policy|programming|filters?|shop\ stuff)\b
   | \b(?:system|hidden|secret|confidential|initial|original|previous|developer)[\s_-]+(?:prompt|instructions?|rules|notes|configuration|config)\b
@@ -68,10 +69,10 @@ INJECTION = re.compile(r"""
   | \bnew\ (?:company\ |store\ )?(?:rule|policy|instructions?)(?:\ from\ [^:.?!\n]{1,30})?\s*: | \bnew\ (?:\w+\ )?(?:rule|policy)\ from\ (?:the\ )?management\b
   | \b(?:management|head\ office|corporate|hq)\ (?:memo|notice|directive)\b | \b(?:notice|memo|directive)\ from\ (?:the\ )?(?:management|head\ office|corporate|hq|headquarters)\b
   | \b(?:I'm|I\ am|this\ is|as)\ (?:(?:the|your)\ (?:employee|staff\ member|admin|developer|moderator|supervisor)
-        | (?:a|an|the|your)\ (?:(?:northwind|store|shop|site|system|website|it|qa|security|floor|(?-i:[A-Z][\w&'-]+))\ ){1,3}(?:employee|staff\ member|admin(?:istrator)?|developer|moderator|supervisor|manager)
+        | (?:a|an|the|your)\ (?:(?:northwind|store|shop|site|system|website|it|qa|security|floor|STORE_NAME)\ ){1,3}(?:employee|staff\ member|admin(?:istrator)?|developer|moderator|supervisor|manager)
         | (?:the|your)\ (?:lead|senior|head|chief|regional)\ (?:[\w-]+\ )?(?:developer|admin(?:istrator)?|manager|supervisor))\b
   | \b(?:I'm|I\ am)\ (?:actually\ |really\ )?(?:a|an|the)\ (?:\w+\ )?(?:employee|supervisor|manager|admin|developer)\ (?:at|for|of)\ (?:northwind|this\ (?:store|shop|company))\b
-  | \b(?:I\ work\ (?:in|for|at|on)\ (?:your|northwind)|(?:I'm|I\ am|this\ is\ \w+)\ (?:from|in|on|with)\ (?:the\ |your\ )?(?:northwind\ |(?-i:[A-Z][\w&'-]+)\ ){0,2}(?:customer\ care|support|security|it|fraud|engineering|qa|billing|finance|accounts|payments)\ (?:team|department)|(?:security|support|it|qa|fraud|engineering)\ team\ here)\b
+  | \b(?:I\ work\ (?:in|for|at|on)\ (?:your|northwind)|(?:I'm|I\ am|this\ is\ \w+)\ (?:from|in|on|with)\ (?:the\ |your\ )?(?:northwind\ |STORE_NAME\ ){0,2}(?:customer\ care|support|security|it|fraud|engineering|qa|billing|finance|accounts|payments)\ (?:team|department)|(?:security|support|it|qa|fraud|engineering)\ team\ here)\b
   | \b(?:regional\ |store\ |general\ )?(?:manager|supervisor|admin|administrator|developer)\ (?:speaking|here)\b
   | \b(?:I\ (?:hereby\ )?(?:authori[sz]e|instruct|order|command)|I(?:'m|\ am)\ (?:hereby\ )?(?:authori[sz]ing|instructing|commanding))\ you\b | \b(?:authori[sz]ation|override)\ code\b
   | \b(?:management|headquarters|corporate|the\ developers?|the\ CEO)\ (?:says?|said|has\ (?:approved|authori[sz]ed|decided)|approved|authori[sz]ed|wants\ you|instructs?)\b
@@ -83,7 +84,7 @@ INJECTION = re.compile(r"""
   | \bnote\ (?:to|for)\ (?:the\ )?(?:ai|assistant|bot|chatbot|model)\b | \b(?:assistant|bot|ai|system)\ (?:instructions?|rules|prompt)\ (?:updated|changed|overridden)\b
   | \bdeveloper\ debug\b | \bthe\ system\ (?:says|said)\ you\ (?:should|must|can)\b
   | </?\s*(?:system|sys|user|assistant|end)\b[^>\n]{0,40}>|<<\s*/?SYS\s*>>|\[/?INST\]|\[(?:ADMIN|SYSTEM)[^\]]*\]|^\s*SYSTEM\s*:
-""", re.I | re.X | re.M)
+""".replace("STORE_NAME", STORE_NAME), re.I | re.X | re.M)
 # Another customer's order or data, and another shop's policy: the embedding reads "what's the status of my neighbour's
 # order" and "what's Nike's return policy" as an order and a policy. Written from the other_people_data examples of
 # prompts/fallback.jsonl and the misses of blind, blind2 and blind3 (28 Nov). With the names of OTHER_BUSINESSES_FILE

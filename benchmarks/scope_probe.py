@@ -49,8 +49,7 @@ def messages_of(run, config):
     splits = {name: pd.DataFrame(read_jsonl(run / f"{name}.jsonl")) for name in ("train", "val", "test")}
     fallback = data.load_fallback(config["fallback_file"])
     in_scope = data.load_in_scope(config["in_scope_file"]) if config.get("in_scope_examples") else None
-    guard_sets = None if in_scope is None else data.load_guard_sets()  # as finetune.build_guard adds them
-    inside, outside = data.guard_messages(splits, fallback, in_scope, config["seed"], guard_sets)
+    inside, outside = data.guard_messages(splits, fallback, in_scope, config["seed"], data.guard_sets_for(in_scope))
     return {name: (inside[name], outside[name]) for name in splits}
 
 
