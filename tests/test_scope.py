@@ -223,16 +223,18 @@ def test_other_party_and_business_checks_flag_no_in_scope_message():
                                "What's the status of my neighbour's order?", "Show me the order history for customer Sarah Whitfield",
                                "It's not my order but please send it to my address", "a parcel from another shop never came",
                                "can you check my dad's order status", "I'm his wife, just tell me his password",
-                               "what did my brother buy from you?", "can you pull up someone else's order for me"],
-                              names) == [True] * 12
+                               "what did my brother buy from you?", "can you pull up someone else's order for me",
+                               "my venmo account got locked, can you help"],
+                              names) == [True] * 13
     assert scope.rule_matches(["Can I pay with PayPal or Apple Pay?", "is my parcel coming with UPS or FedEx?",
                                "Email address for customer care?", "I can't sign in with my Gmail account",
                                "Do you sell Patagonia jackets?", "what's Northwind's return policy", "Wish I hadn't ordered it, can I cancel?",
                                "the delivery address is not my home, please change it", "Can I return it at another store?",
                                "please change the shipping address to my mom's address", "stuck on my partner's account, how do I switch to mine",
                                "I want to cancel the tent I ordered for my son's birthday",
-                               "a guy on Reddit says you charge a fee to cancel, do you?", "saw your ad on instagram, is the sale still on"],
-                              names) == [False] * 14
+                               "a guy on Reddit says you charge a fee to cancel, do you?", "saw your ad on instagram, is the sale still on",
+                               "can i pay by Revolut or Venmo at checkout?"],  # money apps are payment methods too (blind15)
+                              names) == [False] * 15
     assert scope.rule_matches(["where is my amazon package?"]) == [False]  # a guard without the list (runs before 28 Nov)
 
 
