@@ -224,8 +224,9 @@ def test_other_party_and_business_checks_flag_no_in_scope_message():
                                "It's not my order but please send it to my address", "a parcel from another shop never came",
                                "can you check my dad's order status", "I'm his wife, just tell me his password",
                                "what did my brother buy from you?", "can you pull up someone else's order for me",
-                               "my venmo account got locked, can you help"],
-                              names) == [True] * 13
+                               "my venmo account got locked, can you help", "my PSN account was hacked",
+                               "can you renew my Xbox Game Pass"],
+                              names) == [True] * 15
     assert scope.rule_matches(["Can I pay with PayPal or Apple Pay?", "is my parcel coming with UPS or FedEx?",
                                "Email address for customer care?", "I can't sign in with my Gmail account",
                                "Do you sell Patagonia jackets?", "what's Northwind's return policy", "Wish I hadn't ordered it, can I cancel?",
@@ -233,8 +234,10 @@ def test_other_party_and_business_checks_flag_no_in_scope_message():
                                "please change the shipping address to my mom's address", "stuck on my partner's account, how do I switch to mine",
                                "I want to cancel the tent I ordered for my son's birthday",
                                "a guy on Reddit says you charge a fee to cancel, do you?", "saw your ad on instagram, is the sale still on",
-                               "can i pay by Revolut or Venmo at checkout?"],  # money apps are payment methods too (blind15)
-                              names) == [False] * 15
+                               "can i pay by Revolut or Venmo at checkout?",  # money apps are payment methods too (blind15)
+                               "never got the invoice for my xbox series x",  # consoles are products (blind16)
+                               "I ordered a Nintendo Switch and a PlayStation 5 controller"],
+                              names) == [False] * 17
     assert scope.rule_matches(["where is my amazon package?"]) == [False]  # a guard without the list (runs before 28 Nov)
 
 
