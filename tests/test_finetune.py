@@ -288,7 +288,7 @@ def test_written_in_scope_examples_join_train_with_answers_of_their_intent(bundl
 
 
 def test_training_messages_are_not_copies_of_held_out_or_blind_prompts():
-    assert len(data.EVALUATED_PROMPT_FILES) == 10 and len(data.GUARD_SETS) == 10  # held-out, blind10-blind18; 9 read sets and the product messages
+    assert len(data.EVALUATED_PROMPT_FILES) == 12 and len(data.GUARD_SETS) == 10  # held-out, blind10-blind20; 9 read sets and the product messages
     written = [data.load_in_scope(data.IN_SCOPE_FILE), data.load_fallback(data.FALLBACK_FILE), data.load_guard_sets()]
     messages = pd.concat(written)["instruction"].tolist()
     assert [m for m, copy in zip(messages, data.copies_an_evaluated_prompt(messages)) if copy] == []
