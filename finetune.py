@@ -84,9 +84,7 @@ def main():
                                  actions.report_dir)
     system_prompt = read_system_prompt(settings.system_prompt_file)
     fallback, in_scope = written_examples(settings, rows)
-    splits = data.make_splits(rows, fallback, in_scope, val_ratio=settings.val_ratio, test_ratio=settings.test_ratio,
-                              seed=settings.seed, subset=settings.subset, subset_sampling=settings.subset_sampling,
-                              fallback_ratio=settings.fallback_ratio)
+    splits = split_rows(settings, rows, fallback, in_scope)
     log.info("splits: %s", ", ".join(f"{name} {len(split)}" for name, split in splits.items()))
     settings = resolve_auto(settings, has_cuda())
     check_target_modules(settings)
@@ -189,6 +187,13 @@ def write_splits(splits, work_dir, source_label, rows, resume):
         raise UserError(f"the data or split flags differ from the interrupted run in {work_dir}: use the same flags")
     write_json(previous, manifest)
     return manifest
+
+
+def split_rows(settings, rows, fallback, in_scope):
+    """The run's train / val / test splits (data.make_splits with the run's settings)."""
+    return data.make_splits(rows, fallback, in_scope, val_ratio=settings.val_ratio, test_ratio=settings.test_ratio,
+                            seed=settings.seed, subset=settings.subset, subset_sampling=settings.subset_sampling,
+                            fallback_ratio=settings.fallback_ratio)
 
 
 def build_guard(splits, fallback, in_scope, seed):

@@ -1,7 +1,9 @@
 """benchmarks/: every script end to end on the tiny random Llama, at the smallest sizes that still measure a step."""
 import json
 
-from conftest import run_script
+import scope
+from common import read_jsonl
+from conftest import REPO, run_script
 
 TRAIN_VARIANTS = ["unsloth", "unsloth-padded", "baseline", "unsloth-packing", "unsloth-no-gc"]
 
@@ -59,3 +61,22 @@ def test_scope_probe_scores_the_guards_own_messages(tiny_run, tmp_path):
     for row in rows.values():
         assert row["val"]["in_scope_declined"] <= 0.03 and 0 <= row["test"]["auc"] <= 1
     assert "| the run's guard (MiniLM) |" in result.stdout
+
+
+def test_guard_seeds_rebuilds_the_run_s_own_guard(tiny_run, tmp_path):
+    out = tmp_path / "seeds.json"
+    bad = run_script("benchmarks/guard_seeds.py", "--run", tmp_path, "prompts/blind20.jsonl", "--out", out)
+    assert bad.returncode == 2 and bad.stderr.startswith("error:") and "config.json" in bad.stderr and not out.exists()
+    result = run_script("benchmarks/guard_seeds.py", "--run", tiny_run, "--seeds", "42", "prompts/blind20.jsonl", "--out", out)
+    assert result.returncode == 0, result.stderr[-3000:]
+    figures = json.loads(out.read_text())["files"]["prompts/blind20.jsonl"]
+    # the run's seed (42) builds the run's guard again: the same decisions as its guard.json on every message
+    guard = scope.ScopeGuard.load(tiny_run / "guard.json")
+    items = read_jsonl(REPO / "prompts/blind20.jsonl")
+    customers = [i["prompt"] for i in items if i["type"] not in ("out_of_scope", "injection")]
+    others = [i["prompt"] for i in items if i["type"] in ("out_of_scope", "injection")]
+    declined = [m for m, out_of_scope in zip(customers, guard.out_of_scope(customers)) if out_of_scope]
+    assert figures["customers"]["n"] == len(customers) and figures["others"]["n"] == len(others)
+    assert sorted(m for m, _ in figures["customers_declined"]) == sorted(declined)
+    assert figures["others"]["declined"] == sum(guard.out_of_scope(others))
+    assert "customers declined" in result.stdout
