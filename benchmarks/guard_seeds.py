@@ -50,8 +50,8 @@ def main():
     if not config.is_file():
         raise UserError(f"{args.run} has no config.json: pass --run the folder of a finished finetune.py run")
     settings = dataclasses.replace(training.RunSettings(**training.read_settings_file(config)), guard=True)
-    sets = {str(path): read_jsonl(path, needs=("prompt", "type"), what="prompt set", fix="pass JSONL files whose lines each have a prompt and a type")
-            for path in args.prompt_files}
+    fix = "pass JSONL files whose lines each have a prompt and a type"
+    sets = {str(path): read_jsonl(path, needs=("prompt", "type"), what="prompt set", fix=fix) for path in args.prompt_files}
     rows, _ = finetune.load_data(settings)
     fallback, in_scope = finetune.written_examples(settings, rows)
     tallies = {name: {"per_seed": [], "declined": Counter(), "let_through": Counter()} for name in sets}
