@@ -48,6 +48,7 @@ COPY_STOPWORDS = {"a", "an", "the", "of", "to", "i", "you", "my", "me", "is", "a
 COPY_JACCARD = 0.5
 MAX_CELL_CHARS = 100_000  # ~25k tokens: no training example that long fits any sensible --max-seq-length
 FALLBACK_INTENT, FALLBACK_CATEGORY = "out_of_scope", "FALLBACK"
+DECLINED_TYPES = ("out_of_scope", "injection")  # prompt-set types the assistant should decline; the rest are requests
 NO_INTENT = "(none)"  # every row's intent with --intent-column none: one stratum, no intent metric
 ROLES = ("system", "user", "assistant")
 FLAG_MEANINGS = {
@@ -275,7 +276,7 @@ def load_guard_sets(paths=tuple(GUARD_SETS)):
     items = [item for path in paths for item in read_jsonl(path, needs=("prompt", "type", "expected_intent"),
                                                            what="guard set", fix="restore it from git")]
     frame = pd.DataFrame({"instruction": [item["prompt"].strip() for item in items],
-                          "intent": [FALLBACK_INTENT if item["type"] in ("out_of_scope", "injection") else item["expected_intent"]
+                          "intent": [FALLBACK_INTENT if item["type"] in DECLINED_TYPES else item["expected_intent"]
                                      for item in items]}).drop_duplicates("instruction", ignore_index=True)
     # 66 of 1,966 ("I forgot my password", "What's your refund policy?") are evaluated prompts in other words
     return frame[~np.array(copies_an_evaluated_prompt(frame["instruction"]))].reset_index(drop=True)

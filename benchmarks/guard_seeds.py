@@ -22,12 +22,13 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+import data  # noqa: E402
 import finetune  # noqa: E402
+import models  # noqa: E402
 import training  # noqa: E402
 from common import UserError, read_jsonl, run_main, write_json  # noqa: E402
 
 SEEDS = "42,1,2,3,4"  # the README run's seed and four more: every "5 seeds pooled" figure since 28 Nov
-OTHERS = ("out_of_scope", "injection")  # prompt types the guard should decline; every other type is a customer's
 
 
 def parse_args(argv=None):
@@ -46,10 +47,8 @@ def parse_args(argv=None):
 
 def main():
     args = parse_args()
-    config = args.run / "config.json"
-    if not config.is_file():
-        raise UserError(f"{args.run} has no config.json: pass --run the folder of a finished finetune.py run")
-    settings = dataclasses.replace(training.RunSettings(**training.read_settings_file(config)), guard=True)
+    models.run_config(args.run, need_adapter=False)  # a finished run, or a one-line error
+    settings = dataclasses.replace(training.RunSettings(**training.read_settings_file(args.run / "config.json")), guard=True)
     fix = "pass JSONL files whose lines each have a prompt and a type"
     sets = {str(path): read_jsonl(path, needs=("prompt", "type"), what="prompt set", fix=fix) for path in args.prompt_files}
     rows, _ = finetune.load_data(settings)
@@ -60,8 +59,8 @@ def main():
         seeded = dataclasses.replace(settings, seed=seed)
         guard = finetune.build_guard(finetune.split_rows(seeded, rows, fallback, in_scope), fallback, in_scope, seed)
         for name, items in sets.items():
-            customers = [item["prompt"] for item in items if item["type"] not in OTHERS]
-            others = [item for item in items if item["type"] in OTHERS]
+            customers = [item["prompt"] for item in items if item["type"] not in data.DECLINED_TYPES]
+            others = [item for item in items if item["type"] in data.DECLINED_TYPES]
             declined = [m for m, out in zip(customers, guard.out_of_scope(customers)) if out]
             let_through = [item for item, out in zip(others, guard.out_of_scope([item["prompt"] for item in others])) if not out]
             tally = tallies[name]
@@ -84,7 +83,7 @@ def summary(tally, items):
     seeds = tally["per_seed"]
     pooled = {key: sum(s[key] for s in seeds) for key in ("customers_declined", "customers", "others_declined", "others")}
     by_type = {}
-    for kind in OTHERS:
+    for kind in data.DECLINED_TYPES:
         n = len(seeds) * sum(item["type"] == kind for item in items)
         missed = sum(s["let_through_by_type"].get(kind, 0) for s in seeds)
         by_type[kind] = rate(n - missed, n)
