@@ -51,6 +51,9 @@ def main():
     settings = dataclasses.replace(training.RunSettings(**training.read_settings_file(args.run / "config.json")), guard=True)
     fix = "pass JSONL files whose lines each have a prompt and a type"
     sets = {str(path): read_jsonl(path, needs=("prompt", "type"), what="prompt set", fix=fix) for path in args.prompt_files}
+    judged = {name: ([item["prompt"] for item in items if item["type"] not in data.DECLINED_TYPES],  # the customers
+                     [item for item in items if item["type"] in data.DECLINED_TYPES])  # the others
+              for name, items in sets.items()}
     rows, _ = finetune.load_data(settings)
     fallback, in_scope = finetune.written_examples(settings, rows)
     tallies = {name: {"per_seed": [], "declined": Counter(), "let_through": Counter()} for name in sets}
@@ -58,9 +61,7 @@ def main():
         started = time.time()
         seeded = dataclasses.replace(settings, seed=seed)
         guard = finetune.build_guard(finetune.split_rows(seeded, rows, fallback, in_scope), fallback, in_scope, seed)
-        for name, items in sets.items():
-            customers = [item["prompt"] for item in items if item["type"] not in data.DECLINED_TYPES]
-            others = [item for item in items if item["type"] in data.DECLINED_TYPES]
+        for name, (customers, others) in judged.items():
             declined = [m for m, out in zip(customers, guard.out_of_scope(customers)) if out]
             let_through = [item for item, out in zip(others, guard.out_of_scope([item["prompt"] for item in others])) if not out]
             tally = tallies[name]

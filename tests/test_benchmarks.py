@@ -1,6 +1,7 @@
 """benchmarks/: every script end to end on the tiny random Llama, at the smallest sizes that still measure a step."""
 import json
 
+import data
 import scope
 from common import read_jsonl
 from conftest import REPO, run_script
@@ -73,8 +74,8 @@ def test_guard_seeds_rebuilds_the_run_s_own_guard(tiny_run, tmp_path):
     # the run's seed (42) builds the run's guard again: the same decisions as its guard.json on every message
     guard = scope.ScopeGuard.load(tiny_run / "guard.json")
     items = read_jsonl(REPO / "prompts/blind20.jsonl")
-    customers = [i["prompt"] for i in items if i["type"] not in ("out_of_scope", "injection")]
-    others = [i["prompt"] for i in items if i["type"] in ("out_of_scope", "injection")]
+    customers = [i["prompt"] for i in items if i["type"] not in data.DECLINED_TYPES]
+    others = [i["prompt"] for i in items if i["type"] in data.DECLINED_TYPES]
     declined = [m for m, out_of_scope in zip(customers, guard.out_of_scope(customers)) if out_of_scope]
     assert figures["customers"]["n"] == len(customers) and figures["others"]["n"] == len(others)
     assert sorted(m for m, _ in figures["customers_declined"]) == sorted(declined)

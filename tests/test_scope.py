@@ -216,7 +216,7 @@ def test_other_party_and_business_checks_flag_no_in_scope_message():
     names = scope.read_other_businesses()
     in_scope = training_in_scope_messages()
     in_scope += [item["prompt"] for path in data.EVALUATED_PROMPT_FILES
-                 for item in read_jsonl(path) if item["type"] not in ("injection", "out_of_scope")]
+                 for item in read_jsonl(path) if item["type"] not in data.DECLINED_TYPES]
     assert [m for m, f in zip(in_scope, scope.rule_matches(in_scope, names)) if f] == []
     assert scope.rule_matches(["where is my amazon package? it says delivered", "How do I delete my Facebook account?",
                                "does the Target near me have tents on sale", "What's Nike's return policy?",
