@@ -9,6 +9,7 @@ import logging
 import math
 import os
 import re
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -17,6 +18,7 @@ import pandas as pd
 
 from common import HELDOUT_FILE, PLACEHOLDER, PROMPTS_DIR, REPO, UserError, building, read_jsonl, read_system_prompt, sha256_file
 from models import chat_messages, load_tokenizer, render_chat
+from scope import hinted_system_prompt
 
 log = logging.getLogger(__name__)
 
@@ -50,6 +52,7 @@ MAX_CELL_CHARS = 100_000  # ~25k tokens: no training example that long fits any 
 FALLBACK_INTENT, FALLBACK_CATEGORY = "out_of_scope", "FALLBACK"
 DECLINED_TYPES = ("out_of_scope", "injection")  # prompt-set types the assistant should decline; the rest are requests
 NO_INTENT = "(none)"  # every row's intent with --intent-column none: one stratum, no intent metric
+UNHINTED_ONE_IN = 4  # with intent hints, one in this many in-scope training rows has none (training_system_prompt)
 ROLES = ("system", "user", "assistant")
 FLAG_MEANINGS = {
     "B": "basic", "I": "interrogative", "C": "coordinated", "N": "negation", "M": "morphological variation",
@@ -481,16 +484,26 @@ def encode_example(tokenizer, system_prompt, instruction, response):
     return encode_conversation(tokenizer, chat_messages(system_prompt, instruction, response))
 
 
-def encode_row(tokenizer, system_prompt, row):
+def encode_row(tokenizer, system_prompt, row, hints=False):
     """A row as a training example: its conversation when it has one (with the system prompt unless it brings its own),
-    else system prompt / instruction / response."""
+    else system prompt (with the row's intent hint when `hints`: training_system_prompt) / instruction / response."""
     conversation = getattr(row, "conversation", "")
     if not isinstance(conversation, str) or not conversation:  # none, or a row mixed in from the written examples (NaN)
+        system_prompt = training_system_prompt(system_prompt, row) if hints else system_prompt
         return encode_example(tokenizer, system_prompt, row.instruction, row.response)
     messages = json.loads(conversation)
     if messages[0]["role"] != "system":
         messages = [{"role": "system", "content": system_prompt}, *messages]
     return encode_conversation(tokenizer, messages)
+
+
+def training_system_prompt(system_prompt, row):
+    """The system prompt with the row's intent hint (scope.hinted_system_prompt), but for one in UNHINTED_ONE_IN of
+    the in-scope rows (by their message's CRC-32, the same rows in every run) and every out-of-scope or intent-less row:
+    the tuned model also learns to answer without a hint, as in a chat with the GGUF whose system prompt is fixed."""
+    if row.intent in (FALLBACK_INTENT, NO_INTENT) or zlib.crc32(row.instruction.encode()) % UNHINTED_ONE_IN == 0:
+        return system_prompt
+    return hinted_system_prompt(system_prompt, row.intent)
 
 
 def encode_conversation(tokenizer, messages):
@@ -518,11 +531,12 @@ def encode_conversation(tokenizer, messages):
     return {"input_ids": ids, "attention_mask": [1] * len(ids), "labels": labels}
 
 
-def encode_split(tokenizer, system_prompt, split, max_seq_length):
-    """Encode a split; examples over max_seq_length are left out, since truncation would cut the end token."""
+def encode_split(tokenizer, system_prompt, split, max_seq_length, hints=False):
+    """Encode a split (with intent hints: encode_row); examples over max_seq_length are left out, since truncation
+    would cut the end token."""
     from datasets import Dataset
 
-    encoded = [encode_row(tokenizer, system_prompt, r) for r in split.itertuples()]
+    encoded = [encode_row(tokenizer, system_prompt, r, hints) for r in split.itertuples()]
     kept = [e for e in encoded if len(e["input_ids"]) <= max_seq_length]
     if not kept:
         raise UserError(f"every example is longer than --max-seq-length {max_seq_length}: raise it")

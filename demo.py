@@ -39,7 +39,7 @@ from common import (
 from endpoint import API_KEY_VARIABLE, SERVER_CONTEXT_TOKENS, Endpoint
 from models import (add_model_arguments, answer_rules, adapter_mode, load_for_inference, model_source, prepare_tokenizer,
                     render_chat, run_config, slot_grammar)
-from scope import SECRETS_NOTICE, checked_answer, load_guard, mask_secrets, without_slots
+from scope import SECRETS_NOTICE, checked_answer, load_guard, load_intent_reader, mask_secrets, without_slots
 
 DEFAULT_HOST = "127.0.0.1"  # loopback: nobody else can reach the demo unless --host says so
 DEFAULT_PORT = 7860
@@ -126,6 +126,11 @@ class Bot:
     lock: threading.Lock = field(default_factory=threading.Lock)
     endpoint: Endpoint = None  # answers come from this server instead of the model
     slot_names: frozenset = None  # the {{slots}} answers may use (models.answer_rules); None: any
+    intent_reader: object = None  # the run's scope.IntentReader (a run trained with intent hints), else None
+
+    def system_prompt_for(self, message, tuned=True):
+        """The tuned model's system prompt for a new message carries the intent read in it (intent hints)."""
+        return self.intent_reader.system_prompts(self.system_prompt, [message])[0] if tuned and self.intent_reader else self.system_prompt
 
 
 def context_size(model, config):
@@ -185,11 +190,13 @@ def stream_generate(bot, messages, max_new_tokens, use_adapter=True):
         raise failure[0]
 
 
-def prompt_messages(bot, turns, message, max_new_tokens):
-    """System prompt + as many of the latest turns as fit + the new message; returns (messages, turns dropped)."""
+def prompt_messages(bot, turns, message, max_new_tokens, tuned=True):
+    """System prompt (for the tuned or the base model: Bot.system_prompt_for) + as many of the latest turns as fit + the
+    new message; returns (messages, turns dropped)."""
     budget = bot.context_tokens - max_new_tokens
+    system_prompt = bot.system_prompt_for(message, tuned)
     for dropped in range(len(turns) + 1):
-        messages = [{"role": "system", "content": bot.system_prompt}]
+        messages = [{"role": "system", "content": system_prompt}]
         for turn in turns[dropped:]:
             messages += [{"role": "user", "content": turn["user"]}, {"role": "assistant", "content": turn["answer"]}]
         messages.append({"role": "user", "content": message})
@@ -275,6 +282,7 @@ def compare(bot, message, company, show_raw, max_new_tokens):
     try:
         check_prompt(message, 1)
         message, secrets = mask_secrets(message)
+        base_messages, _ = prompt_messages(bot, [], message, max_new_tokens, tuned=False)
         messages, _ = prompt_messages(bot, [], message, max_new_tokens)
     except UserError as error:
         yield "", "", f"⚠️ {error}"
@@ -282,7 +290,7 @@ def compare(bot, message, company, show_raw, max_new_tokens):
     notice = f"⚠️ {SECRETS_NOTICE}" if secrets else ""
     base = tuned = ""
     try:
-        for base in stream_generate(bot, messages, max_new_tokens, use_adapter=False):
+        for base in stream_generate(bot, base_messages, max_new_tokens, use_adapter=False):
             yield shown(base, company, [message], show_raw), "", notice
         for tuned in stream_generate(bot, messages, max_new_tokens):
             yield shown(base, company, [message], show_raw), shown(tuned, company, [message], show_raw), notice
@@ -388,14 +396,15 @@ def main(args=None):
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # no calls home from an offline demo
     tuned = bool(args.run and not args.base_only)
     guard = load_guard(args.run, args.guard) if tuned else None
+    intent_reader = load_intent_reader(args.run) if tuned else None
     if guard:
         guard.replies(["warm-up message here"])  # loads MiniLM and the language model now, not on the first customer's message
     if args.endpoint:
-        bot, label = endpoint_bot(args, system_prompt, guard)
+        bot, label = endpoint_bot(args, system_prompt, guard, intent_reader)
     else:
         model, tokenizer, config = load_for_inference(**model_source(args))
         bot = Bot(model, tokenizer, system_prompt, context_size(model, config), has_adapter=tuned, guard=guard,
-                  slot_names=run_slot_names(args.run) if args.run else None)
+                  slot_names=run_slot_names(args.run) if args.run else None, intent_reader=intent_reader)
         label = args.run or args.merged or args.gguf or args.model or config.get("base_model") or "base model"
     import gradio as gr
 
@@ -405,7 +414,7 @@ def main(args=None):
     demo.launch(server_name=args.host, server_port=args.port, share=args.share, auth=auth, theme=theme)
 
 
-def endpoint_bot(args, system_prompt, guard):
+def endpoint_bot(args, system_prompt, guard, intent_reader):
     """A Bot whose answers stream from --endpoint: the server is asked for its model now (a dead one is one error line);
     with --run, the run's tokenizer and training length bound the prompt, else an estimate and SERVER_CONTEXT_TOKENS."""
     grammar = slot_grammar(run_slot_names(args.run)) if args.slot_grammar else ""
@@ -418,7 +427,8 @@ def endpoint_bot(args, system_prompt, guard):
         config = run_config(args.run)
         tokenizer = prepare_tokenizer(AutoTokenizer.from_pretrained(Path(args.run) / "adapter"))  # saved with the adapter
         context = int(config.get("max_seq_length", context))
-    return Bot(None, tokenizer, system_prompt, context, has_adapter=False, guard=guard, endpoint=server), f"{server.model} at {server.url}"
+    return (Bot(None, tokenizer, system_prompt, context, has_adapter=False, guard=guard, endpoint=server,
+                intent_reader=intent_reader), f"{server.model} at {server.url}")
 
 
 if __name__ == "__main__":

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from common import UserError
-from models import chat_messages
+from models import chat_messages, each_system_prompt
 
 API_KEY_VARIABLE = "ENDPOINT_API_KEY"
 SERVER_START_TIMEOUT_S = 120
@@ -111,15 +111,17 @@ class Endpoint:
 
 
 def answers(endpoint, prompts, system_prompt, max_new_tokens, concurrency):
-    """Greedy answers to the prompts, in order, `concurrency` requests in flight at a time. Each record's seconds is its
-    share of the wall time, as in models.generate (so throughput_of is the server's rate); latency_s its own request's."""
+    """Greedy answers to the prompts, in order, `concurrency` requests in flight at a time (system_prompt: one for all,
+    or one per prompt). Each record's seconds is its share of the wall time, as in models.generate (so throughput_of is
+    the server's rate); latency_s its own request's."""
     from tqdm.auto import tqdm
 
     endpoint.served_model()  # one request first: a dead server is one error, not one per prompt
     records, started = [], time.time()
     with ThreadPoolExecutor(max_workers=concurrency) as pool, \
             tqdm(total=len(prompts), unit="prompt", desc="answering", leave=False) as progress:
-        for record in pool.map(lambda prompt: endpoint.answer(prompt, system_prompt, max_new_tokens), prompts):
+        for record in pool.map(lambda prompt, system: endpoint.answer(prompt, system, max_new_tokens), prompts,
+                               each_system_prompt(system_prompt, prompts)):
             records.append(record)
             progress.update(1)
             progress.set_postfix_str(f"{sum(r['new_tokens'] for r in records) / (time.time() - started):.1f} new tokens/s")

@@ -21,8 +21,9 @@ import sys
 from pathlib import Path
 
 from common import HELDOUT_FILE, REPO, UserError, building, read_prompts, read_system_prompt, run_main, shown_path, write_json
-from models import (GENERATION_BATCH_SIZE, TEMPLATE_DATE, chat_messages, dtype_name, generate, load_for_inference,
-                    merge_adapter, render_chat, run_config, template_with_pinned_date)
+from models import (GENERATION_BATCH_SIZE, TEMPLATE_DATE, chat_messages, dtype_name, each_system_prompt, generate,
+                    load_for_inference, merge_adapter, render_chat, run_config, template_with_pinned_date)
+from scope import load_intent_reader
 
 FORMATS = ("merged", "gguf")
 LLAMA_CPP_DIR = REPO / ".venv" / "llama.cpp"  # setup.sh extracts llama.cpp's converter here
@@ -70,11 +71,13 @@ def export_run(run, formats, system_prompt_file, check_limit=None, max_new_token
     if "gguf" in formats:
         converter()
         llama_cpp_module()
-    system_prompt = read_system_prompt(system_prompt_file)
     prompts = [item["prompt"] for item in read_prompts(HELDOUT_FILE, check_limit)]
+    system_prompt = read_system_prompt(system_prompt_file)  # the Modelfile's; the checks ask as the run answers:
+    reader = load_intent_reader(run)
+    system_prompts = reader.system_prompts(system_prompt, prompts) if reader else system_prompt
 
     def answer(model, tokenizer):
-        return generate(model, tokenizer, prompts, system_prompt, max_new_tokens, batch_size)
+        return generate(model, tokenizer, prompts, system_prompts, max_new_tokens, batch_size)
 
     with building(Path(run) / "export") as partial:  # nothing is left in RUN/export when a check fails
         # The adapter's answers come from the base in 16 or 32 bits, never 4-bit NF4: merging needs those weights, and
@@ -93,24 +96,25 @@ def export_run(run, formats, system_prompt_file, check_limit=None, max_new_token
                             f"{len(prompts)} prompts, below --export-min-agreement {min_agreement:g}: nothing exported; report "
                             "it with the run's metrics.json (compute_dtype), or lower the threshold to keep such an export")
         if "gguf" in formats:
-            check.update(export_ggufs(partial, tokenizer, prompts, system_prompt, merged_answers, max_new_tokens, min_agreement))
+            check.update(export_ggufs(partial, tokenizer, prompts, system_prompts, merged_answers, max_new_tokens, min_agreement))
+            check["modelfile"] = write_modelfile(partial, tokenizer, system_prompt)
         write_json(partial / "check.json", check)
     print_summary(Path(run) / "export", check)
     return check
 
 
-def export_ggufs(folder, tokenizer, prompts, system_prompt, merged_answers, max_new_tokens, min_agreement):
-    """The GGUF files, each checked in llama.cpp against the merged model, and the Ollama Modelfile; their part of
-    check.json. An f16 file (LOSSLESS_GGUFS) below min_agreement is an error (nothing is exported)."""
+def export_ggufs(folder, tokenizer, prompts, system_prompts, merged_answers, max_new_tokens, min_agreement):
+    """The GGUF files, each checked in llama.cpp against the merged model (system_prompts: one for all prompts, or one
+    per prompt), their part of check.json. An f16 file (LOSSLESS_GGUFS) below min_agreement is an error (nothing is
+    exported)."""
     check = {"gguf": {}}
     for path in write_ggufs(folder / "merged", folder):
-        found = llama_cpp_check(path, tokenizer, prompts, system_prompt, merged_answers, max_new_tokens)
+        found = llama_cpp_check(path, tokenizer, prompts, system_prompts, merged_answers, max_new_tokens)
         check["gguf"][path.name] = dict(bytes=path.stat().st_size, **gguf_metadata(path), **found)
         if path.name in LOSSLESS_GGUFS and found["agreement"] < min_agreement:
             raise UserError(f"{path.name} in llama.cpp gives the merged model's first {PREFIX_TOKENS} answer tokens on only "
                             f"{found['same']} of {len(prompts)} prompts, below --export-min-agreement {min_agreement:g}: "
                             "nothing exported; report it with the run's metrics.json")
-    check["modelfile"] = write_modelfile(folder, tokenizer, system_prompt)
     return check
 
 
@@ -122,7 +126,7 @@ def llama_cpp_module():
     return llama_cpp
 
 
-def llama_cpp_check(path, tokenizer, prompts, system_prompt, merged_answers, max_new_tokens):
+def llama_cpp_check(path, tokenizer, prompts, system_prompts, merged_answers, max_new_tokens):
     """The GGUF in llama.cpp itself (llama-cpp-python), chatting through the chat template stored in the file, greedy:
     does that template give the merged tokenizer's prompt token ids, do its first PREFIX_TOKENS answer tokens match the
     merged model's, and how many answers end with the end token within STOP_CHECK_TOKENS?"""
@@ -134,7 +138,7 @@ def llama_cpp_check(path, tokenizer, prompts, system_prompt, merged_answers, max
     formatter = Jinja2ChatFormatter(template=llm.metadata["tokenizer.chat_template"], eos_token=llm._model.token_get_text(eos),
                                     bos_token=llm._model.token_get_text(llm.token_bos()), stop_token_ids=[eos])
     same_ids, differences, stopped = 0, [], 0
-    for prompt, merged in zip(prompts, merged_answers):
+    for prompt, system_prompt, merged in zip(prompts, each_system_prompt(system_prompts, prompts), merged_answers):
         messages = chat_messages(system_prompt, prompt)
         formatted = formatter(messages=messages)  # what create_chat_completion sends: the file's template, then tokenize
         ids = llm.tokenize(formatted.prompt.encode(), add_bos=not formatted.added_special, special=True)
@@ -294,9 +298,9 @@ def print_summary(folder, check):
 # ----------------------------------------------------------------------------------------------------
 # Sharing a run on the Hugging Face hub
 
-# What of a finished run goes to the hub: the card, the adapter, the guard, the exports and the evaluation's summary;
-# not the split files (the data stays where it is unless you share it), checkpoints or logs.
-HUB_PATTERNS = ("README.md", "config.json", "metrics.json", "manifest.json", "guard.json", "LICENSE_CDLA-Sharing-1.0.txt",
+# What of a finished run goes to the hub: the card, the adapter, the guard, the intent reader, the exports and the
+# evaluation's summary; not the split files (the data stays where it is unless you share it), checkpoints or logs.
+HUB_PATTERNS = ("README.md", "config.json", "metrics.json", "manifest.json", "guard.json", "intents.json", "LICENSE_CDLA-Sharing-1.0.txt",
                 "adapter/*", "export/*", "export/merged/*", "eval/summary.json", "eval/report.md", "eval/metrics.png")
 HUB_TOKEN_VARIABLE = "HF_TOKEN"
 

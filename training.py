@@ -87,6 +87,9 @@ class RunSettings:
                                                  "answers borrowed from training rows of the same intent) and to the "
                                                  "guard's val/test (15%% each)")
     in_scope_file: Path = data_setting(IN_SCOPE_FILE)
+    intent_hints: bool = data_setting(True, "write each in-scope example's intent into its system prompt (3 of 4), and "
+                                            "save an intent reader (OUTPUT_DIR/intents.json) whose reading of a message "
+                                            "goes there when the run answers (docs/quality.md, \"Intent hints\")")
     system_prompt_file: Path = data_setting(SYSTEM_PROMPT_FILE)
 
     model: str = model_setting("auto", "auto | smollm2 | hub id | local dir | .gguf file (auto: Llama 3.2 3B Instruct "
@@ -378,7 +381,8 @@ def train(settings, splits, work_dir, system_prompt, resume=False):
 
     datasets, dropped = {}, {}
     for name in ("train", "val"):
-        datasets[name], dropped[name] = encode_split(tokenizer, system_prompt, splits[name], settings.max_seq_length)
+        datasets[name], dropped[name] = encode_split(tokenizer, system_prompt, splits[name], settings.max_seq_length,
+                                                     settings.intent_hints)
         if dropped[name]:
             log.warning("%s: left out %d examples longer than %d tokens", name, dropped[name], settings.max_seq_length)
     cuda = has_cuda()

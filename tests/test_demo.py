@@ -17,7 +17,7 @@ from common import MAX_PROMPT_CHARS, load_company, read_system_prompt
 from conftest import REPO, make_tiny_llama, run_script
 from endpoint import free_port
 from models import load_for_inference
-from scope import load_guard
+from scope import load_guard, load_intent_reader
 
 QUESTION = "I wanna cancel #12345"
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
@@ -158,6 +158,16 @@ def test_a_model_error_is_shown_and_the_next_request_works(bot, company, monkeyp
     assert "model error: RuntimeError: out of memory (simulated)" in notice and turns == [] and box == QUESTION
     monkeypatch.undo()
     assert not bot.lock.locked() and len(list(demo.chat(bot, QUESTION, [], company, False, 4))[-1][1]) == 1
+
+
+def test_the_tuned_model_gets_the_intent_hint_of_the_new_message(bot, tiny_run):
+    hinted = dataclasses.replace(bot, intent_reader=load_intent_reader(tiny_run))  # tiny_run was trained with hints
+    turns = [{"user": "where is my parcel", "answer": "On its way."}]
+    messages, _ = demo.prompt_messages(hinted, turns, QUESTION, 8)
+    intent = hinted.intent_reader.read([QUESTION])[0]
+    assert messages[0]["content"] == f"{read_system_prompt()}\nThe customer's message is about: {intent.replace('_', ' ')}."
+    assert demo.prompt_messages(hinted, turns, QUESTION, 8, tuned=False)[0][0]["content"] == read_system_prompt()
+    assert demo.prompt_messages(bot, turns, QUESTION, 8)[0][0]["content"] == read_system_prompt()  # no reader: no hint
 
 
 def test_compare_answers_with_the_adapter_off_then_on(bot, company):

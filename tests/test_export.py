@@ -106,7 +106,7 @@ def test_push_to_hub_dry_run_lists_the_files_and_the_card_metadata(smollm2_run):
     result = run_script("finetune.py", "--from-run", smollm2_run, "--push-to-hub", "me/support-assistant", "--dry-run")
     assert result.returncode == 0, result.stderr[-2000:]
     listed = [line.split()[0] for line in result.stdout.splitlines() if line.startswith("  ")]
-    assert {"README.md", "config.json", "guard.json", "adapter/adapter_model.safetensors", "adapter/README.md"} <= set(listed)
+    assert {"README.md", "config.json", "guard.json", "intents.json", "adapter/adapter_model.safetensors", "adapter/README.md"} <= set(listed)
     assert not any(name.endswith(".jsonl") for name in listed)  # the split files stay here
     assert "base_model: HuggingFaceTB/SmolLM2-135M-Instruct" in result.stdout and "library_name: peft" in result.stdout
     assert "- bitext/Bitext-customer-support-llm-chatbot-training-dataset" in result.stdout

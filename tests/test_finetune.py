@@ -217,6 +217,21 @@ def test_loss_is_on_every_assistant_turn(llama_tokenizer):
     assert rendered == render_chat(llama_tokenizer, messages)  # the pieces add up to the template's own rendering
 
 
+def test_intent_hints_go_into_three_of_four_in_scope_examples(bundled_rows, llama_tokenizer):
+    """With intent hints, an in-scope row's system prompt ends with its intent, but for one in four (the same rows every
+    time, so the model also learns to answer without one); out-of-scope and intent-less rows never get one."""
+    rows = bundled_rows.drop_duplicates(["instruction", "response"])
+    hinted = [data.training_system_prompt("Be kind.", row) != "Be kind." for row in rows.itertuples()]
+    assert 0.72 < sum(hinted) / len(hinted) < 0.78
+    row = next(r for r, h in zip(rows.itertuples(), hinted) if h)
+    assert data.training_system_prompt("Be kind.", row) == f"Be kind.\nThe customer's message is about: {row.intent.replace('_', ' ')}."
+    example = data.encode_row(llama_tokenizer, "Be kind.", row, hints=True)
+    assert "message is about" in llama_tokenizer.decode(example["input_ids"])
+    assert "message is about" not in llama_tokenizer.decode(data.encode_row(llama_tokenizer, "Be kind.", row)["input_ids"])
+    for intent in (data.FALLBACK_INTENT, data.NO_INTENT):
+        assert data.training_system_prompt("Be kind.", row._replace(intent=intent)) == "Be kind."
+
+
 @pytest.mark.parametrize("file, flags", [
     ("messages.jsonl", []),
     ("own_data.csv", ["--instruction-column", "question", "--response-column", "answer", "--intent-column", "none"]),
@@ -227,6 +242,7 @@ def test_own_data_trains_and_evaluates(tiny_llama, tmp_path, file, flags):
                         "--output-dir", run, "--no-compare", "--no-guard", "--no-in-scope-examples")
     assert result.returncode == 0, result.stderr[-3000:]
     assert "WARNING: only 10 rows for 1 intents" in result.stdout
+    assert not json.loads((run / "config.json").read_text())["intent_hints"] and not (run / "intents.json").exists()
     result = run_script("infer.py", "--run", run, "--compare", "--limit", "3", "--max-new-tokens", "4", "--report-dir", tmp_path / "eval")
     assert result.returncode == 0, result.stderr[-3000:]
     summary = json.loads((tmp_path / "eval" / "summary.json").read_text())
@@ -460,7 +476,7 @@ def test_tiny_llama_end_to_end(small_csv, tiny_llama, tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     assert not out.with_name("run.partial").exists()
     expected = {"adapter", "train.jsonl", "val.jsonl", "test.jsonl", "manifest.json", "config.json", "metrics.json",
-                "train.log", "README.md", "LICENSE_CDLA-Sharing-1.0.txt", "guard.json"}
+                "train.log", "README.md", "LICENSE_CDLA-Sharing-1.0.txt", "guard.json", "intents.json"}
     assert expected <= {p.name for p in out.iterdir()}
     assert (out / "adapter" / "adapter_model.safetensors").is_file() and (out / "adapter" / "tokenizer.json").is_file()
     metrics = json.loads((out / "metrics.json").read_text())

@@ -43,6 +43,21 @@ def test_decline_detector_finds_the_written_fallback_answers():
     assert found / len(declines) > 0.9, found
 
 
+def test_the_tuned_model_is_asked_with_the_intent_hint_and_the_base_model_without(tmp_path):
+    import numpy as np
+    import scope
+
+    basis = np.eye(scope.EMBEDDING_SIZE)
+    reader = scope.train_intent_reader(["cancel it", "cancel order 5", "where is it", "where's my parcel"],
+                                       ["cancel_order"] * 2 + ["track_order"] * 2,
+                                       embedder=lambda texts: np.array([basis[0] if "cancel" in t else basis[1] for t in texts]))
+    generation = infer.Generation("Be kind.", intent_reader=reader)
+    assert generation.system_prompts(["cancel my order", "where is it now"]) == [
+        "Be kind.\nThe customer's message is about: cancel order.", "Be kind.\nThe customer's message is about: track order."]
+    assert generation.system_prompts(["cancel my order"], tuned=False) == ["Be kind."]
+    assert infer.Generation("Be kind.").system_prompts(["cancel my order"]) == ["Be kind."]  # a run without intent hints
+
+
 def test_placeholder_validity():
     inventory = {"Order Number", "Website URL"}
     assert infer.placeholder_problems("Order {{Order Number}} on {{Website URL}}.", inventory) == ([], 0)
