@@ -182,6 +182,10 @@ class Generation:
             return self.intent_reader.system_prompts(self.system_prompt, prompts)
         return [self.system_prompt] * len(prompts)
 
+    def hinted(self):
+        """For the report: how the tuned model is asked."""
+        return "; the tuned model told each message's intent by the run's reader (intent hints)" if self.intent_reader else ""
+
 
 def answer_with(model, tokenizer, prompts, generation, use_adapter=True):
     with adapter_mode(model, use_adapter):
@@ -502,7 +506,7 @@ def in_process(model, tokenizer, generation):
     """The base (adapter off) and tuned model of one loaded run, generating in this process."""
     return Answerers(base=lambda prompts: answer_with(model, tokenizer, prompts, generation, use_adapter=False),
                      tuned=lambda prompts: answer_with(model, tokenizer, prompts, generation),
-                     how=f"greedy in this process, batch {generation.batch_size}")
+                     how=f"greedy in this process, batch {generation.batch_size}{generation.hinted()}")
 
 
 def served(base, tuned, generation, concurrency):
@@ -512,7 +516,8 @@ def served(base, tuned, generation, concurrency):
                                                 generation.max_new_tokens, concurrency)
 
     return Answerers(base=through(base, False), tuned=through(tuned, True),
-                     how=f"greedy from servers (base {base.url}, tuned {tuned.url}), {concurrency} requests at a time")
+                     how=f"greedy from servers (base {base.url}, tuned {tuned.url}), {concurrency} requests at a time"
+                         f"{generation.hinted()}")
 
 
 def evaluate(answerers, run_dir, items, label, company, guard=None, with_test_split=True, report_dir=None, judge=None):
