@@ -284,10 +284,12 @@ def test_demo_streams_from_a_llama_cpp_server(smollm2_export, smollm2_run, tmp_p
         # llama-cpp-python keeps the last request's prompt: asked the same again, it re-evaluates only the last prompt
         # token, which rounds differently from the first whole-prompt pass. With the SmolLM2 GGUF exported on AVX2
         # kernels (27 Nov) the first answer ended "...the ability to cancel orders or" and every repeat "...to access
-        # personal data". So the reference is a repeat too, as the demo's request will be.
+        # personal data". So the reference is a repeat too, as the demo's request will be. With --run both ask as the
+        # run answers: the run's guard in front, the reader's intent hint in the system prompt.
         reference = tmp_path / "reference.jsonl"
         for _ in range(2):
-            result = run_script("infer.py", "--endpoint", tuned, "--prompt", question, "--max-new-tokens", "24", "--out", reference)
+            result = run_script("infer.py", "--endpoint", tuned, "--run", smollm2_run, "--prompt", question,
+                                "--max-new-tokens", "24", "--out", reference)
             assert result.returncode == 0, result.stderr[-2000:]
         with open(tmp_path / "demo.log", "w") as log:
             app = subprocess.Popen([sys.executable, "demo.py", "--endpoint", tuned, "--run", str(smollm2_run), "--port", str(port)],
