@@ -39,7 +39,8 @@ from common import (
 from endpoint import API_KEY_VARIABLE, SERVER_CONTEXT_TOKENS, Endpoint
 from models import (add_model_arguments, answer_rules, adapter_mode, load_for_inference, model_source, prepare_tokenizer,
                     render_chat, run_config, slot_grammar)
-from scope import HINT, SECRETS_NOTICE, checked_answer, load_guard, load_intent_reader, mask_secrets, without_slots
+from scope import (HINT, SECRETS_NOTICE, checked_answer, load_guard, load_intent_reader, mask_secrets, system_prompts_for,
+                   without_slots)
 
 DEFAULT_HOST = "127.0.0.1"  # loopback: nobody else can reach the demo unless --host says so
 DEFAULT_PORT = 7860
@@ -130,7 +131,7 @@ class Bot:
 
     def system_prompt_for(self, message, tuned=True):
         """The tuned model's system prompt for a new message carries the intent read in it (intent hints)."""
-        return self.intent_reader.system_prompts(self.system_prompt, [message])[0] if tuned and self.intent_reader else self.system_prompt
+        return system_prompts_for(self.system_prompt, [message], self.intent_reader if tuned else None)[0]
 
 
 def context_size(model, config):

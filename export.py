@@ -23,7 +23,7 @@ from pathlib import Path
 from common import HELDOUT_FILE, REPO, UserError, building, read_prompts, read_system_prompt, run_main, shown_path, write_json
 from models import (GENERATION_BATCH_SIZE, TEMPLATE_DATE, chat_messages, dtype_name, each_system_prompt, generate,
                     load_for_inference, merge_adapter, render_chat, run_config, template_with_pinned_date)
-from scope import load_intent_reader
+from scope import load_intent_reader, system_prompts_for
 
 FORMATS = ("merged", "gguf")
 LLAMA_CPP_DIR = REPO / ".venv" / "llama.cpp"  # setup.sh extracts llama.cpp's converter here
@@ -73,8 +73,7 @@ def export_run(run, formats, system_prompt_file, check_limit=None, max_new_token
         llama_cpp_module()
     prompts = [item["prompt"] for item in read_prompts(HELDOUT_FILE, check_limit)]
     system_prompt = read_system_prompt(system_prompt_file)  # the Modelfile's; the checks ask as the run answers:
-    reader = load_intent_reader(run)
-    system_prompts = reader.system_prompts(system_prompt, prompts) if reader else system_prompt
+    system_prompts = system_prompts_for(system_prompt, prompts, load_intent_reader(run))
 
     def answer(model, tokenizer):
         return generate(model, tokenizer, prompts, system_prompts, max_new_tokens, batch_size)

@@ -178,9 +178,7 @@ class Generation:
     def system_prompts(self, prompts, tuned=True):
         """The system prompt of each prompt: with the intent the run's reader reads in it for the tuned model of a run
         trained with intent hints, else the plain one (the base model was never trained with hints)."""
-        if tuned and self.intent_reader:
-            return self.intent_reader.system_prompts(self.system_prompt, prompts)
-        return [self.system_prompt] * len(prompts)
+        return scope.system_prompts_for(self.system_prompt, prompts, self.intent_reader if tuned else None)
 
     def hinted(self):
         """For the report: how the tuned model is asked."""

@@ -326,7 +326,7 @@ INTENT_READER_C = 10.0
 class IntentReader:
     """The intent of a message: the largest of embedding @ weights[i] + biases[i] names intents[i]. Trained by finetune.py
     on the run's in-scope messages and their intents; its reading goes into the tuned model's system prompt
-    (models.hinted_system_prompt), as the run was trained."""
+    (hinted_system_prompt), as the run was trained."""
 
     intents: list
     weights: list
@@ -376,6 +376,12 @@ def train_intent_reader(messages, intents, embedder=None):
         weights, biases = np.vstack([-weights, weights]), np.concatenate([-biases, biases])
     return IntentReader(intents=fitted.classes_.tolist(), weights=np.round(weights, 6).tolist(),
                         biases=np.round(biases, 6).tolist(), trained_on=len(messages), _embedder=embedder)
+
+
+def system_prompts_for(system_prompt, messages, reader):
+    """Each message's system prompt: with the intent `reader` reads in it (a run trained with intent hints), or the
+    plain one (reader None: no hints, or the base model, which was never trained with them)."""
+    return reader.system_prompts(system_prompt, messages) if reader else [system_prompt] * len(messages)
 
 
 def load_intent_reader(run_dir):
