@@ -18,7 +18,6 @@ import pandas as pd
 
 from common import HELDOUT_FILE, PLACEHOLDER, PROMPTS_DIR, REPO, UserError, building, read_jsonl, read_system_prompt, sha256_file
 from models import chat_messages, load_tokenizer, render_chat
-from scope import hinted_system_prompt
 
 log = logging.getLogger(__name__)
 
@@ -484,12 +483,13 @@ def encode_example(tokenizer, system_prompt, instruction, response):
     return encode_conversation(tokenizer, chat_messages(system_prompt, instruction, response))
 
 
-def encode_row(tokenizer, system_prompt, row, hints=False):
+def encode_row(tokenizer, system_prompt, row, reader=None):
     """A row as a training example: its conversation when it has one (with the system prompt unless it brings its own),
-    else system prompt (with the row's intent hint when `hints`: training_system_prompt) / instruction / response."""
+    else system prompt (with the row's intent hint when trained with intent hints, the run's scope.IntentReader
+    `reader`: training_system_prompt) / instruction / response."""
     conversation = getattr(row, "conversation", "")
     if not isinstance(conversation, str) or not conversation:  # none, or a row mixed in from the written examples (NaN)
-        system_prompt = training_system_prompt(system_prompt, row) if hints else system_prompt
+        system_prompt = training_system_prompt(system_prompt, row, reader) if reader else system_prompt
         return encode_example(tokenizer, system_prompt, row.instruction, row.response)
     messages = json.loads(conversation)
     if messages[0]["role"] != "system":
@@ -497,13 +497,14 @@ def encode_row(tokenizer, system_prompt, row, hints=False):
     return encode_conversation(tokenizer, messages)
 
 
-def training_system_prompt(system_prompt, row):
-    """The system prompt with the row's intent hint (scope.hinted_system_prompt), but for one in UNHINTED_ONE_IN of
+def training_system_prompt(system_prompt, row, reader):
+    """The system prompt with the row's intent hint and the reader's example answer of that intent (the prompt the
+    reader gives a message of that intent: scope.IntentReader.system_prompt), but for one in UNHINTED_ONE_IN of
     the in-scope rows (by their message's CRC-32, the same rows in every run) and every out-of-scope or intent-less row:
     the tuned model also learns to answer without a hint, as in a chat with the GGUF whose system prompt is fixed."""
     if row.intent in (FALLBACK_INTENT, NO_INTENT) or zlib.crc32(row.instruction.encode()) % UNHINTED_ONE_IN == 0:
         return system_prompt
-    return hinted_system_prompt(system_prompt, row.intent)
+    return reader.system_prompt(system_prompt, row.intent)
 
 
 def encode_conversation(tokenizer, messages):
@@ -531,12 +532,12 @@ def encode_conversation(tokenizer, messages):
     return {"input_ids": ids, "attention_mask": [1] * len(ids), "labels": labels}
 
 
-def encode_split(tokenizer, system_prompt, split, max_seq_length, hints=False):
-    """Encode a split (with intent hints: encode_row); examples over max_seq_length are left out, since truncation
-    would cut the end token."""
+def encode_split(tokenizer, system_prompt, split, max_seq_length, reader=None):
+    """Encode a split (with intent hints, the run's IntentReader `reader`: encode_row); examples over max_seq_length are
+    left out, since truncation would cut the end token."""
     from datasets import Dataset
 
-    encoded = [encode_row(tokenizer, system_prompt, r, hints) for r in split.itertuples()]
+    encoded = [encode_row(tokenizer, system_prompt, r, reader) for r in split.itertuples()]
     kept = [e for e in encoded if len(e["input_ids"]) <= max_seq_length]
     if not kept:
         raise UserError(f"every example is longer than --max-seq-length {max_seq_length}: raise it")

@@ -39,8 +39,8 @@ from common import (
 from endpoint import API_KEY_VARIABLE, SERVER_CONTEXT_TOKENS, Endpoint
 from models import (add_model_arguments, answer_rules, adapter_mode, load_for_inference, model_source, prepare_tokenizer,
                     render_chat, run_config, slot_grammar)
-from scope import (HINT, SECRETS_NOTICE, checked_answer, load_guard, load_intent_reader, mask_secrets, system_prompts_for,
-                   without_slots)
+from scope import (SECRETS_NOTICE, checked_answer, hinted_system_prompt, load_guard, load_intent_reader, mask_secrets,
+                   system_prompts_for, without_slots)
 
 DEFAULT_HOST = "127.0.0.1"  # loopback: nobody else can reach the demo unless --host says so
 DEFAULT_PORT = 7860
@@ -132,6 +132,13 @@ class Bot:
     def system_prompt_for(self, message, tuned=True):
         """The tuned model's system prompt for a new message carries the intent read in it (intent hints)."""
         return system_prompts_for(self.system_prompt, [message], self.intent_reader if tuned else None)[0]
+
+    def shown_system_prompt(self):
+        """The tuned model's system prompt as the demo shows it: with intent hints, what each message adds to it."""
+        if not self.intent_reader:
+            return self.system_prompt
+        example = "<the run's example answer of that intent>" if self.intent_reader.examples else None
+        return hinted_system_prompt(self.system_prompt, "<the intent the run reads in the message>", example)
 
 
 def context_size(model, config):
@@ -363,8 +370,7 @@ def build_app(bot, company_text, label, max_new_tokens=DEFAULT_NEW_TOKENS):
             with gr.Column(scale=2):
                 show_raw = gr.Checkbox(label="Show raw answers with their {{slots}}", value=False)
                 new_tokens = gr.Slider(1, MAX_NEW_TOKENS, value=max_new_tokens, step=1, label="Max new tokens")
-                hint = f"\n{HINT.format('<the intent the run reads in the message>')}" if bot.intent_reader else ""
-                gr.Textbox(bot.system_prompt + hint, label="System prompt (read-only: the one the model was trained with)",
+                gr.Textbox(bot.shown_system_prompt(), label="System prompt (read-only: the one the model was trained with)",
                            lines=5, interactive=False)
                 company_box = gr.Code(company_text, language="yaml", label="Company profile (fills the {{slots}}; edit me)")
                 company_notice = gr.Markdown()

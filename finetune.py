@@ -93,7 +93,7 @@ def main():
     settings = resolve_auto(settings, has_cuda())
     check_target_modules(settings)
     if actions.dry_run:
-        return dry_run(settings, splits, system_prompt)
+        return dry_run(settings, splits, system_prompt, build_intent_reader(settings, rows, in_scope) if settings.intent_hints else None)
     processes = Processes.start()  # one, or several under torchrun / accelerate launch
     if not processes.is_main:  # the other processes train their share of each batch; the first writes everything
         processes.wait_for_everyone()
@@ -162,10 +162,10 @@ def written_examples(settings, rows):
     return fallback, in_scope
 
 
-def dry_run(settings, splits, system_prompt):
+def dry_run(settings, splits, system_prompt, reader):
     tokenizer = load_tokenizer(settings.model)
     for name in ("train", "val"):
-        _, dropped = data.encode_split(tokenizer, system_prompt, splits[name], settings.max_seq_length, settings.intent_hints)
+        _, dropped = data.encode_split(tokenizer, system_prompt, splits[name], settings.max_seq_length, reader)
         log.info("%s: %d examples over %d tokens would be left out", name, dropped, settings.max_seq_length)
     log.info("settings: %s", json.dumps(settings_record(settings)))
     log.info("dry run: data and settings are fine, nothing written")
@@ -222,16 +222,21 @@ def build_guard(splits, fallback, in_scope, seed):
 def build_intent_reader(settings, rows, in_scope):
     """The run's scope.IntentReader, on every in-scope message of the training side: the dataset's whole train split
     (also with --subset: reading is cheap, and it read new stores' requests 0.53-0.67 with the bundled rows alone), the
-    written in-scope train pool and the guard sets' requests' train pool (with them 0.90-0.94: docs/quality.md)."""
-    parts = [data.split_by_intent(rows, settings.val_ratio, settings.test_ratio, settings.seed)["train"]]
+    written in-scope train pool and the guard sets' requests' train pool (with them 0.90-0.94: docs/quality.md); with
+    an example answer per intent, the most typical of the whole train split's (scope.example_answers)."""
+    train_split = data.split_by_intent(rows, settings.val_ratio, settings.test_ratio, settings.seed)["train"]
+    parts = [train_split]
     if in_scope is not None:
         guard_sets = data.guard_sets_for(in_scope)
         requests = guard_sets[guard_sets["intent"] != data.FALLBACK_INTENT]
         parts += [data.example_pools(in_scope, settings.seed)["train"], data.example_pools(requests, settings.seed)["train"]]
     messages = pd.concat([part[["instruction", "intent"]] for part in parts], ignore_index=True)
     messages = messages[messages["intent"].isin(set(rows["intent"]))]
-    reader = scope.train_intent_reader(messages["instruction"].tolist(), messages["intent"].tolist())
-    log.info("intent reader: %d intents, fitted on %d messages", len(reader.intents), reader.trained_on)
+    embedder = scope.Embedder()
+    reader = scope.train_intent_reader(messages["instruction"].tolist(), messages["intent"].tolist(), embedder)
+    reader.examples = scope.example_answers(train_split["response"].tolist(), train_split["intent"].tolist(), embedder)
+    log.info("intent reader: %d intents, fitted on %d messages, an example answer for each", len(reader.intents),
+             reader.trained_on)
     return reader
 
 

@@ -307,13 +307,16 @@ def load_guard(run_dir, wanted=None):
     return ScopeGuard.load(path)
 
 
-# An intent hint: the intent of the customer's message, as IntentReader reads it, appended to the system prompt.
+# An intent hint: the intent of the customer's message, as IntentReader reads it, appended to the system prompt, and
+# an example answer of that intent after it (IntentReader.examples: the model adapts it, docs/quality.md).
 HINT = "The customer's message is about: {}."
+HINT_EXAMPLE = "An answer to such a message: {}"
 
 
-def hinted_system_prompt(system_prompt, intent):
+def hinted_system_prompt(system_prompt, intent, example=None):
     """The system prompt a run trained with intent hints is asked with, for a message of this intent."""
-    return f"{system_prompt}\n{HINT.format(intent.replace('_', ' '))}"
+    hinted = f"{system_prompt}\n{HINT.format(intent.replace('_', ' '))}"
+    return f"{hinted}\n{HINT_EXAMPLE.format(example)}" if example else hinted
 
 
 # The intent reader: a logistic regression over MiniLM embeddings, one class per intent. C 10 without class weights
@@ -326,13 +329,15 @@ INTENT_READER_C = 10.0
 class IntentReader:
     """The intent of a message: the largest of embedding @ weights[i] + biases[i] names intents[i]. Trained by finetune.py
     on the run's in-scope messages and their intents; its reading goes into the tuned model's system prompt
-    (hinted_system_prompt), as the run was trained."""
+    (hinted_system_prompt) with the example answer of that intent (`examples`, when the run has them), as the run was
+    trained."""
 
     intents: list
     weights: list
     biases: list
     embedder_name: str = EMBEDDER
     trained_on: int = 0
+    examples: dict = field(default_factory=dict)  # intent -> an example answer (example_answers)
     _embedder: object = field(default=None, repr=False, compare=False)
 
     def read(self, messages):
@@ -341,9 +346,13 @@ class IntentReader:
         scores = self._embedder([check_message(m) for m in messages]) @ np.asarray(self.weights).T + np.asarray(self.biases)
         return [self.intents[i] for i in np.argmax(scores, axis=1)]
 
+    def system_prompt(self, system_prompt, intent):
+        """The system prompt for a message of this intent: its hint and example answer (hinted_system_prompt)."""
+        return hinted_system_prompt(system_prompt, intent, self.examples.get(intent))
+
     def system_prompts(self, system_prompt, messages):
-        """The system prompt of each message, with the intent read in it (hinted_system_prompt)."""
-        return [hinted_system_prompt(system_prompt, intent) for intent in self.read(messages)]
+        """The system prompt of each message, for the intent read in it."""
+        return [self.system_prompt(system_prompt, intent) for intent in self.read(messages)]
 
     def save(self, path):
         fields = {k: v for k, v in asdict(self).items() if not k.startswith("_")}
@@ -354,9 +363,10 @@ class IntentReader:
         try:
             data = json.loads(Path(path).read_text(encoding="utf-8"))
             reader = cls(**{k: data[k] for k in ("intents", "weights", "biases")}, embedder_name=data.get("embedder_name", EMBEDDER),
-                         trained_on=data.get("trained_on", 0))
+                         trained_on=data.get("trained_on", 0), examples=data.get("examples", {}))
             if not reader.intents or np.asarray(reader.weights).shape != (len(reader.intents), EMBEDDING_SIZE) \
-                    or len(reader.biases) != len(reader.intents):
+                    or len(reader.biases) != len(reader.intents) or not isinstance(reader.examples, dict) \
+                    or not all(isinstance(v, str) for v in reader.examples.values()):
                 raise ValueError
             return reader
         except (ValueError, KeyError, TypeError):
@@ -376,6 +386,18 @@ def train_intent_reader(messages, intents, embedder=None):
         weights, biases = np.vstack([-weights, weights]), np.concatenate([-biases, biases])
     return IntentReader(intents=fitted.classes_.tolist(), weights=np.round(weights, 6).tolist(),
                         biases=np.round(biases, 6).tolist(), trained_on=len(messages), _embedder=embedder)
+
+
+def example_answers(answers, intents, embedder=None):
+    """An example answer per intent: the medoid of its answers (the one with the largest mean MiniLM cosine to the
+    others), so the most typical of them."""
+    embedder = embedder or Embedder()
+    examples = {}
+    for intent in sorted(set(intents)):
+        own = [a for a, i in zip(answers, intents) if i == intent]
+        vectors = embedder(own)  # unit length
+        examples[intent] = own[int(np.argmax((vectors @ vectors.T).mean(axis=1)))]
+    return examples
 
 
 def system_prompts_for(system_prompt, messages, reader):

@@ -25,6 +25,7 @@ from data import FALLBACK_FILE, HUB_DATASET, IN_SCOPE_FILE, encode_split
 from export import MIN_AGREEMENT, parse_formats
 from models import (CPU_DEFAULT_MODEL, compute_dtype, concrete_model, dtype_name, has_cuda, hub_model_id, linear_layer_names,
                     load_model, resolve_model, run_name)
+from scope import load_intent_reader
 
 # Unsloth's notebook rate for 1B-8B models; at 2e-4 the 65 steps of `--subset 500` left SmolLM2-135M undertrained
 # (held-out intent accuracy +0.02 over base; 1e-3 gives +0.19 with --fallback-ratio 0.1, see README).
@@ -379,10 +380,10 @@ def train(settings, splits, work_dir, system_prompt, resume=False):
     model, tokenizer, model_name = load_model(settings.model, settings.max_seq_length)
     from transformers import TrainerCallback
 
+    reader = load_intent_reader(work_dir) if settings.intent_hints else None  # written there before training
     datasets, dropped = {}, {}
     for name in ("train", "val"):
-        datasets[name], dropped[name] = encode_split(tokenizer, system_prompt, splits[name], settings.max_seq_length,
-                                                     settings.intent_hints)
+        datasets[name], dropped[name] = encode_split(tokenizer, system_prompt, splits[name], settings.max_seq_length, reader)
         if dropped[name]:
             log.warning("%s: left out %d examples longer than %d tokens", name, dropped[name], settings.max_seq_length)
     cuda = has_cuda()

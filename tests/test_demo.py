@@ -165,7 +165,8 @@ def test_the_tuned_model_gets_the_intent_hint_of_the_new_message(bot, tiny_run):
     turns = [{"user": "where is my parcel", "answer": "On its way."}]
     messages, _ = demo.prompt_messages(hinted, turns, QUESTION, 8)
     intent = hinted.intent_reader.read([QUESTION])[0]
-    assert messages[0]["content"] == f"{read_system_prompt()}\nThe customer's message is about: {intent.replace('_', ' ')}."
+    assert messages[0]["content"] == (f"{read_system_prompt()}\nThe customer's message is about: {intent.replace('_', ' ')}.\n"
+                                      f"An answer to such a message: {hinted.intent_reader.examples[intent]}")
     assert demo.prompt_messages(hinted, turns, QUESTION, 8, tuned=False)[0][0]["content"] == read_system_prompt()
     assert demo.prompt_messages(bot, turns, QUESTION, 8)[0][0]["content"] == read_system_prompt()  # no reader: no hint
 

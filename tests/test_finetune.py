@@ -12,6 +12,7 @@ from hypothesis import strategies as st
 
 import data
 import finetune
+import scope
 import training
 from common import PLACEHOLDER, UserError, load_placeholder_table
 from conftest import REPO, SHARED, assert_user_error, readme_command, run_script
@@ -218,18 +219,24 @@ def test_loss_is_on_every_assistant_turn(llama_tokenizer):
 
 
 def test_intent_hints_go_into_three_of_four_in_scope_examples(bundled_rows, llama_tokenizer):
-    """With intent hints, an in-scope row's system prompt ends with its intent, but for one in four (the same rows every
-    time, so the model also learns to answer without one); out-of-scope and intent-less rows never get one."""
+    """With intent hints, an in-scope row's system prompt ends with its intent and the reader's example answer of that
+    intent, but for one in four (the same rows every time, so the model also learns to answer without one);
+    out-of-scope and intent-less rows never get one."""
     rows = bundled_rows.drop_duplicates(["instruction", "response"])
-    hinted = [data.training_system_prompt("Be kind.", row) != "Be kind." for row in rows.itertuples()]
+    intents = sorted(set(rows["intent"]))
+    reader = scope.IntentReader(intents, [[0.0] * scope.EMBEDDING_SIZE] * len(intents), [0.0] * len(intents),
+                                examples={intent: f"Here is how to {intent}." for intent in intents})
+    hinted = [data.training_system_prompt("Be kind.", row, reader) != "Be kind." for row in rows.itertuples()]
     assert 0.72 < sum(hinted) / len(hinted) < 0.78
     row = next(r for r, h in zip(rows.itertuples(), hinted) if h)
-    assert data.training_system_prompt("Be kind.", row) == f"Be kind.\nThe customer's message is about: {row.intent.replace('_', ' ')}."
-    example = data.encode_row(llama_tokenizer, "Be kind.", row, hints=True)
-    assert "message is about" in llama_tokenizer.decode(example["input_ids"])
+    assert data.training_system_prompt("Be kind.", row, reader) == (
+        f"Be kind.\nThe customer's message is about: {row.intent.replace('_', ' ')}.\n"
+        f"An answer to such a message: Here is how to {row.intent}.")
+    example = llama_tokenizer.decode(data.encode_row(llama_tokenizer, "Be kind.", row, reader)["input_ids"])
+    assert "message is about" in example and f"Here is how to {row.intent}." in example
     assert "message is about" not in llama_tokenizer.decode(data.encode_row(llama_tokenizer, "Be kind.", row)["input_ids"])
     for intent in (data.FALLBACK_INTENT, data.NO_INTENT):
-        assert data.training_system_prompt("Be kind.", row._replace(intent=intent)) == "Be kind."
+        assert data.training_system_prompt("Be kind.", row._replace(intent=intent), reader) == "Be kind."
 
 
 @pytest.mark.parametrize("file, flags", [

@@ -290,9 +290,13 @@ def test_intent_reader_file_round_trip_and_bad_files(intent_reader, tmp_path):
     loaded = scope.load_intent_reader(tmp_path)
     messages = ["my parcel still hasn't shown up", "can I get a PDF of the bill for my company"]
     assert loaded.read(messages) == intent_reader.read(messages) == ["track_order", "get_invoice"]
-    assert loaded.system_prompts("Be kind.", messages[:1]) == ["Be kind.\nThe customer's message is about: track order."]
+    assert loaded == intent_reader and set(loaded.examples) == set(loaded.intents)
+    assert loaded.system_prompts("Be kind.", messages[:1]) == [
+        f"Be kind.\nThe customer's message is about: track order.\nAn answer to such a message: {loaded.examples['track_order']}"]
     assert scope.load_intent_reader(tmp_path / "elsewhere") is None  # a run trained without intent hints
-    for bad in ({"intents": ["a"]}, {"intents": ["a", "b"], "weights": [[0.0] * 3] * 2, "biases": [0.0, 0.0]}, []):
+    wrong_examples = {"intents": ["a"], "weights": [[0.0] * scope.EMBEDDING_SIZE], "biases": [0.0], "examples": ["a"]}
+    for bad in ({"intents": ["a"]}, {"intents": ["a", "b"], "weights": [[0.0] * 3] * 2, "biases": [0.0, 0.0]}, [],
+                wrong_examples):
         (tmp_path / "bad.json").write_text(json.dumps(bad))
         with pytest.raises(UserError, match="is not an intent reader file"):
             scope.IntentReader.load(tmp_path / "bad.json")
@@ -311,3 +315,17 @@ def test_intent_reader_of_two_intents_and_of_one():
     assert reader.read(["please cancel", "where"]) == ["cancel_order", "track_order"]
     with pytest.raises(UserError, match="at least two intents: pass --no-intent-hints"):
         scope.train_intent_reader(messages[:3], intents[:3], embedder=embed)
+
+
+def test_the_example_answer_of_an_intent_is_its_most_typical(intent_reader):
+    """The medoid: of three answers, the one between the other two; the reader's are answers of the train split."""
+    basis = np.eye(scope.EMBEDDING_SIZE)
+    vectors = {"first": basis[0], "between": (basis[0] + basis[1]) / np.sqrt(2), "last": basis[1], "only": basis[2]}
+    answers, intents = ["first", "between", "last", "only"], ["a", "a", "a", "b"]
+    examples = scope.example_answers(answers, intents, embedder=lambda texts: np.array([vectors[t] for t in texts]))
+    assert examples == {"a": "between", "b": "only"}
+    settings = training.RunSettings(dataset="bundled", subset=500)
+    rows, _ = finetune.load_data(settings)
+    train = data.split_by_intent(rows, settings.val_ratio, settings.test_ratio, settings.seed)["train"]
+    for intent, example in intent_reader.examples.items():
+        assert example in set(train.loc[train["intent"] == intent, "response"]), intent
