@@ -88,9 +88,10 @@ class RunSettings:
                                                  "answers borrowed from training rows of the same intent) and to the "
                                                  "guard's val/test (15%% each)")
     in_scope_file: Path = data_setting(IN_SCOPE_FILE)
-    intent_hints: bool = data_setting(True, "write each in-scope example's intent into its system prompt (3 of 4), and "
-                                            "save an intent reader (OUTPUT_DIR/intents.json) whose reading of a message "
-                                            "goes there when the run answers (docs/quality.md, \"Intent hints\")")
+    intent_hints: bool = data_setting(True, "write each in-scope example's intent and an example answer of that intent "
+                                            "into its system prompt (3 of 4), and save an intent reader "
+                                            "(OUTPUT_DIR/intents.json) whose reading of a message goes there when the run "
+                                            "answers (docs/quality.md, \"Intent hints\")")
     system_prompt_file: Path = data_setting(SYSTEM_PROMPT_FILE)
 
     model: str = model_setting("auto", "auto | smollm2 | hub id | local dir | .gguf file (auto: Llama 3.2 3B Instruct "
