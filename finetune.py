@@ -273,9 +273,10 @@ onto the base model.{gguf_note}
   with the project's written in-scope customer messages (`prompts/in_scope.jsonl`) where their intents are in the data.
 - `guard.json` beside this card is the run's scope guard (a classifier on MiniLM embeddings; see scope.py):
   demo.py and infer.py answer the messages it finds out of scope with its fixed reply.
-- `intents.json` (runs with intent hints) reads a message's intent (MiniLM + logistic regression); the adapter was
-  trained with that intent at the end of its system prompt ("The customer's message is about: track order."), and
-  infer.py and demo.py ask it so. Without the line it answers too, a little less often on the right intent.
+- `intents.json` (runs with intent hints) reads a message's intent (MiniLM + logistic regression) and holds an example
+  answer of each intent; the adapter was trained with the intent and its example at the end of its system prompt
+  ("The customer's message is about: track order." and "An answer to such a message: ..."), and infer.py and demo.py
+  ask it so. Without them it answers too, less often on the right intent.
 {BITEXT_NOTICE if bitext else ""}- The base model's own license applies to the base weights and to this adapter's use with them; the code that
   trained it is Apache-2.0.
 
