@@ -93,7 +93,8 @@ def main():
     settings = resolve_auto(settings, has_cuda())
     check_target_modules(settings)
     if actions.dry_run:
-        return dry_run(settings, splits, system_prompt, build_intent_reader(settings, rows, in_scope) if settings.intent_hints else None)
+        reader = build_intent_reader(settings, rows, in_scope) if settings.intent_hints else None  # for the prompts' lengths
+        return dry_run(settings, splits, system_prompt, reader)
     processes = Processes.start()  # one, or several under torchrun / accelerate launch
     if not processes.is_main:  # the other processes train their share of each batch; the first writes everything
         processes.wait_for_everyone()
