@@ -5,6 +5,7 @@ import argparse
 import contextlib
 import hashlib
 import json
+import os
 import re
 import shutil
 import sys
@@ -15,6 +16,8 @@ PROMPTS_DIR = REPO / "prompts"
 SYSTEM_PROMPT_FILE = PROMPTS_DIR / "system.txt"
 HELDOUT_FILE = PROMPTS_DIR / "heldout.jsonl"
 MAX_PROMPT_CHARS = 4000
+# What is built once and reused across runs: dequantized GGUF models, the intents' example answers
+CACHE_DIR = Path(os.environ.get("SUPPORT_LLM_CACHE", Path.home() / ".cache" / "support-llm"))
 
 PLACEHOLDER = re.compile(r"\{\{\s*([^{}]+?)\s*\}\}")  # Bitext slots such as {{Order Number}}
 COMPANY_FILE = PROMPTS_DIR / "company.yaml"

@@ -224,7 +224,7 @@ def build_intent_reader(settings, rows, in_scope):
     """The run's scope.IntentReader, on every in-scope message of the training side: the dataset's whole train split
     (also with --subset: reading is cheap, and it read new stores' requests 0.53-0.67 with the bundled rows alone), the
     written in-scope train pool and the guard sets' requests' train pool (with them 0.90-0.94: docs/quality.md); with
-    an example answer per intent, the most typical of the whole train split's (scope.example_answers)."""
+    an example answer per intent, the most typical of the whole train split's (scope.cached_example_answers)."""
     train_split = data.split_by_intent(rows, settings.val_ratio, settings.test_ratio, settings.seed)["train"]
     parts = [train_split]
     if in_scope is not None:
@@ -235,7 +235,7 @@ def build_intent_reader(settings, rows, in_scope):
     messages = messages[messages["intent"].isin(set(rows["intent"]))]
     embedder = scope.Embedder()
     reader = scope.train_intent_reader(messages["instruction"].tolist(), messages["intent"].tolist(), embedder)
-    reader.examples = scope.example_answers(train_split["response"].tolist(), train_split["intent"].tolist(), embedder)
+    reader.examples = scope.cached_example_answers(train_split["response"].tolist(), train_split["intent"].tolist(), embedder)
     log.info("intent reader: %d intents, fitted on %d messages, an example answer for each", len(reader.intents),
              reader.trained_on)
     return reader

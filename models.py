@@ -10,12 +10,11 @@ import functools
 import hashlib
 import importlib.util
 import json
-import os
 import re
 import time
 from pathlib import Path
 
-from common import UserError, building
+from common import CACHE_DIR, UserError, building
 from scope import PHONE
 
 GPU_DEFAULT_MODEL = "unsloth/Llama-3.2-3B-Instruct"
@@ -24,7 +23,6 @@ SMOLLM2_HUB_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"  # what that GGUF (Q4_1, 
 # Llama 3.x templates write today's date into the system turn; pinning it keeps training and serving
 # prompts identical. Templates without a date ignore the extra variable.
 TEMPLATE_DATE = "26 Jul 2024"
-CACHE_DIR = Path(os.environ.get("SUPPORT_LLM_CACHE", Path.home() / ".cache" / "support-llm"))
 GENERATION_BATCH_SIZE = 16  # on a CPU: 3.4x the new tokens/s of batch 1, where batch 8 gave 2.6x (BENCHMARKS.md)
 
 

